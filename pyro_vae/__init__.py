@@ -1,0 +1,95 @@
+"""pyro_vae: variational autoencoders written as Pyro programs, with swappable amortised guide families.
+
+The public API is re-exported here lazily (PEP 562), so that ``import pyro_vae`` and ``pyro-vae --help`` stay fast;
+torch and Pyro load on first use of a name. ``plotting`` and ``cli`` are not re-exported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "DataConfig": "pyro_vae.config",
+    "ModelConfig": "pyro_vae.config",
+    "TrainConfig": "pyro_vae.config",
+    "RunConfig": "pyro_vae.config",
+    "PyroVAEError": "pyro_vae.errors",
+    "ConfigError": "pyro_vae.errors",
+    "DataError": "pyro_vae.errors",
+    "CheckpointError": "pyro_vae.errors",
+    "NonFiniteLossError": "pyro_vae.errors",
+    "Dataset": "pyro_vae.data",
+    "load_dataset": "pyro_vae.data",
+    "GuideFamily": "pyro_vae.guides",
+    "make_family": "pyro_vae.guides",
+    "family_names": "pyro_vae.guides",
+    "register_family": "pyro_vae.guides",
+    "make_likelihood": "pyro_vae.likelihoods",
+    "VAE": "pyro_vae.model",
+    "make_objective": "pyro_vae.objectives",
+    "SingleOptimizer": "pyro_vae.optim",
+    "adamw": "pyro_vae.optim",
+    "evaluate_elbo": "pyro_vae.evaluation",
+    "fit": "pyro_vae.train",
+    "FitResult": "pyro_vae.train",
+    "save_checkpoint": "pyro_vae.checkpoint",
+    "load_checkpoint": "pyro_vae.checkpoint",
+}
+_ALIASES = {"register_family": "register"}
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataConfig",
+    "DataError",
+    "Dataset",
+    "FitResult",
+    "GuideFamily",
+    "ModelConfig",
+    "NonFiniteLossError",
+    "PyroVAEError",
+    "RunConfig",
+    "SingleOptimizer",
+    "TrainConfig",
+    "VAE",
+    "adamw",
+    "evaluate_elbo",
+    "family_names",
+    "fit",
+    "load_checkpoint",
+    "load_dataset",
+    "make_family",
+    "make_likelihood",
+    "make_objective",
+    "register_family",
+    "save_checkpoint",
+]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pyro_vae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), _ALIASES.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover - static analysers see the real names
+    from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
+    from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from pyro_vae.data import Dataset, load_dataset
+    from pyro_vae.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PyroVAEError
+    from pyro_vae.evaluation import evaluate_elbo
+    from pyro_vae.guides import GuideFamily, family_names, make_family
+    from pyro_vae.guides import register as register_family
+    from pyro_vae.likelihoods import make_likelihood
+    from pyro_vae.model import VAE
+    from pyro_vae.objectives import make_objective
+    from pyro_vae.optim import SingleOptimizer, adamw
+    from pyro_vae.train import FitResult, fit

@@ -1,0 +1,295 @@
+"""The ``pyro-vae`` command line: ``train``, ``evaluate`` and ``sample``.
+
+Heavy imports (torch, Pyro, matplotlib) happen inside the commands, so ``pyro-vae --help`` answers at once. Usage
+errors print one line on stderr and exit 2; runtime errors print one line and exit 1 (``--debug`` shows the
+traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from pyro_vae.config import BINARIZATIONS, DATASETS, DEVICES, RunConfig
+from pyro_vae.errors import ConfigError, PyroVAEError, unknown_choice
+
+#: Registered guide families. Kept here, free of torch imports, so that ``--help`` is fast; a test checks that it
+#: equals :func:`pyro_vae.guides.family_names`.
+GUIDE_CHOICES = ("diag_normal", "mvn_diag")
+#: Registered likelihoods (checked against :func:`pyro_vae.likelihoods.likelihood_names` by a test).
+LIKELIHOOD_CHOICES = ("bernoulli", "continuous_bernoulli")
+#: Registered objectives (checked against :func:`pyro_vae.objectives.objective_names` by a test).
+OBJECTIVE_CHOICES = ("meanfield", "trace")
+
+logger = logging.getLogger("pyro_vae.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _choice_type(what: str, choices, *, spec: bool = False):
+    def parse(value: str) -> str:
+        base = value.partition(":")[0] if spec else value
+        if base not in choices:
+            raise argparse.ArgumentTypeError(str(unknown_choice(what, base, choices)))
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+def _positive(kind):
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value!r}") from None
+        if not number > 0 or number != number:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value!r}")
+        return number
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyro-vae", description="Pyro variational autoencoders with swappable guide families.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    train = sub.add_parser("train", help="train a VAE and write a run directory")
+    train.add_argument("--config", type=Path, help="JSON run config (sections data/model/train); flags override it")
+    train.add_argument("--dataset", choices=DATASETS, help="data source (default: embedded, works offline)")
+    train.add_argument("--data", dest="data_path", help="your .npz file (x, optional y, x_test, y_test)")
+    train.add_argument("--data-dir", help="directory of Fashion-MNIST IDX files, or the MNIST download root")
+    train.add_argument("--guide", type=_choice_type("guide family", GUIDE_CHOICES, spec=True), help="guide family")
+    train.add_argument("--latent-dim", type=_positive(int), help="latent dimension L (default 16)")
+    train.add_argument("--hidden-dims", help="comma-separated encoder widths (default 512,256,128,64)")
+    train.add_argument("--likelihood", type=_choice_type("likelihood", LIKELIHOOD_CHOICES), help="p(x|z)")
+    train.add_argument("--binarize", choices=BINARIZATIONS, help="binarisation protocol (default dynamic)")
+    train.add_argument("--objective", type=_choice_type("objective", OBJECTIVE_CHOICES), help="ELBO estimator")
+    train.add_argument("--particles", type=_positive(int), help="samples of z per image per step")
+    train.add_argument("--epochs", type=_positive(int), help="passes over the training data (default 20)")
+    train.add_argument("--batch-size", type=_positive(int), help="images per step (default 128)")
+    train.add_argument("--lr", type=_positive(float), help="AdamW learning rate (default 1e-3)")
+    train.add_argument("--clip-norm", type=_positive(float), help="clip the gradient norm")
+    train.add_argument("--seed", type=int, help="seed of weights, data order and noise (default 0)")
+    train.add_argument("--device", choices=DEVICES, help="auto (CUDA when present), cpu or cuda")
+    train.add_argument("--threads", type=_positive(int), help="torch CPU threads")
+    train.add_argument("--max-steps", type=_positive(int), help="stop after this many steps")
+    train.add_argument("--n-train", type=_positive(int), help="use only the first N training images")
+    train.add_argument("--n-test", type=_positive(int), help="use only the first N test images")
+    train.add_argument("--out", type=Path, help="run directory (default runs/<guide>-<time>)")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train.add_argument("--no-figures", action="store_true", help="do not write PNG figures")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar (default: on a TTY)")
+    train.set_defaults(run=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a trained run on its test split")
+    evaluate.add_argument("run_dir", type=Path, help="a directory written by 'pyro-vae train'")
+    evaluate.add_argument("--batch-size", type=_positive(int), default=1000, help="images per chunk")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    sample = sub.add_parser("sample", help="draw images from a trained run's prior and decoder")
+    sample.add_argument("run_dir", type=Path, help="a directory written by 'pyro-vae train'")
+    sample.add_argument("--n", type=_positive(int), default=64, help="number of samples (default 64)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the prior draws")
+    sample.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    sample.set_defaults(run=cmd_sample)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------------------
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run config: the ``--config`` file (or defaults) with every given flag applied on top."""
+    config = RunConfig()
+    if args.config is not None:
+        try:
+            text = args.config.read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {args.config}: {err.strerror}") from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {args.config} is not valid JSON: {err}") from None
+        config = RunConfig.from_dict(raw)
+    data, model, train = {}, {}, {}
+    if args.data_path is not None:
+        if args.dataset not in (None, "npz"):
+            raise ConfigError(f"--data FILE.npz implies --dataset npz, but --dataset {args.dataset} was given")
+        data["path"] = args.data_path
+        data["dataset"] = "npz"
+    for key, section, field in (
+        ("dataset", data, "dataset"),
+        ("data_dir", data, "data_dir"),
+        ("binarize", data, "binarize"),
+        ("n_train", data, "n_train"),
+        ("n_test", data, "n_test"),
+        ("guide", model, "guide"),
+        ("latent_dim", model, "latent_dim"),
+        ("likelihood", model, "likelihood"),
+        ("objective", train, "objective"),
+        ("particles", train, "num_particles"),
+        ("epochs", train, "epochs"),
+        ("batch_size", train, "batch_size"),
+        ("lr", train, "lr"),
+        ("clip_norm", train, "clip_norm"),
+        ("seed", train, "seed"),
+        ("device", train, "device"),
+        ("threads", train, "threads"),
+        ("max_steps", train, "max_steps"),
+        ("progress", train, "progress"),
+    ):
+        value = getattr(args, key)
+        if value is not None:
+            section[field] = value
+    if args.hidden_dims is not None:
+        try:
+            model["hidden_dims"] = tuple(int(w) for w in args.hidden_dims.split(","))
+        except ValueError:
+            raise ConfigError(f"--hidden-dims must be comma-separated integers, got {args.hidden_dims!r}") from None
+    return config.replace(data=data, model=model, train=train)
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    if any(part == ".." for part in out.parts) or "\0" in str(out):
+        raise ConfigError(f"--out {str(out)!r} must not contain '..' or NUL")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if (out / "config.json").exists() and not overwrite:
+        raise ConfigError(f"{out} already holds a run; pass --overwrite to replace it, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create run directory {out}: {err.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"run directory {out} is not writable; choose another --out")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    out = args.out or Path("runs") / f"{config.model.guide.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _prepare_out_dir(out, args.overwrite)
+
+    import pyro
+    import torch
+
+    from pyro_vae.data import load_dataset
+    from pyro_vae.model import VAE
+    from pyro_vae.train import fit
+
+    if config.train.threads is not None:
+        torch.set_num_threads(config.train.threads)
+    data = load_dataset(config.data)
+    pyro.set_rng_seed(config.train.seed)
+    vae = VAE.from_config(config.model, data.input_dim)
+    logger.info(
+        "training %s (L=%d) on %s: %d train / %d test images, %d epochs of batch %d",
+        config.model.guide,
+        config.model.latent_dim,
+        data.name,
+        data.x_train.shape[0],
+        data.x_test.shape[0],
+        config.train.epochs,
+        config.train.batch_size,
+    )
+    start = time.perf_counter()
+    result = fit(vae, data, config, out_dir=out)
+    seconds = time.perf_counter() - start
+    if not args.no_figures:
+        from pyro_vae.plotting import save_run_figures
+
+        save_run_figures(vae, data, result, out)
+    elbo = result.test_elbo
+    print(f"test ELBO {elbo} nats/image after {result.steps} steps in {seconds:.1f} s; run directory: {out}")
+    return 0
+
+
+def _load_run(run_dir: Path):
+    from pyro_vae.checkpoint import load_checkpoint
+    from pyro_vae.model import VAE
+
+    if not (run_dir / "last.pt").is_file():
+        raise ConfigError(f"{run_dir} holds no checkpoint (last.pt); pass a directory written by 'pyro-vae train'")
+    payload = load_checkpoint(run_dir / "last.pt")
+    config = RunConfig.from_dict(payload["config"])
+    vae = VAE.from_config(config.model, int(payload["input_dim"]))
+    vae.load_state_dict(payload["model"])
+    vae.eval()
+    return config, vae, payload
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    config, vae, _ = _load_run(args.run_dir)
+    from pyro_vae.data import binarize_eval, load_dataset
+    from pyro_vae.evaluation import evaluate_elbo
+
+    data = load_dataset(config.data)
+    x_test = binarize_eval(data.x_test, config.data.binarize, config.train.seed, config.data.threshold)
+    result = evaluate_elbo(vae, x_test, batch_size=args.batch_size, seed=args.seed)
+    record = {
+        "dataset": data.name,
+        "split": "test",
+        "binarize": config.data.binarize,
+        "binarize_seed": config.train.seed,
+        "likelihood": config.model.likelihood,
+        "num_images": result.num_images,
+        "elbo": result.elbo.mean,
+        "elbo_se": result.elbo.se,
+        "reconstruction": result.reconstruction.mean,
+        "kl": result.kl.mean,
+    }
+    (args.run_dir / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{'metric':<16}{'nats/image':>22}")
+    print(f"{'test ELBO':<16}{str(result.elbo):>22}")
+    print(f"{'reconstruction':<16}{str(result.reconstruction):>22}")
+    print(f"{'KL':<16}{str(result.kl):>22}")
+    print(f"({result.num_images} test images of {data.name}, binarize={config.data.binarize})")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    _, vae, payload = _load_run(args.run_dir)
+    from pyro_vae.plotting import sample_grid
+
+    if args.out.suffix.lower() != ".png":
+        raise ConfigError(f"--out must be a .png file, got {args.out}")
+    fig = sample_grid(vae, payload.get("image_shape"), n=args.n, seed=args.seed)
+    try:
+        fig.savefig(args.out, dpi=100)
+    except OSError as err:
+        raise ConfigError(f"cannot write {args.out}: {err.strerror}") from None
+    print(f"wrote {args.n} samples to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``pyro-vae`` and ``python -m pyro_vae``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except PyroVAEError as err:
+        if args.debug:
+            raise
+        print(f"pyro-vae: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("pyro-vae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

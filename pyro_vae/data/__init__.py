@@ -1,0 +1,31 @@
+"""Data for pyro_vae: loading and validating image sets, and reproducible mini-batches.
+
+* :func:`load_dataset` turns a :class:`~pyro_vae.config.DataConfig` into a validated :class:`Dataset`;
+* :class:`EpochBatches` yields seeded, resumable, optionally sharded and binarised :class:`Batch` records;
+* :func:`read_idx` / :func:`write_idx` handle the IDX files of MNIST and Fashion-MNIST.
+"""
+
+from pyro_vae.data.batches import (
+    Batch,
+    EpochBatches,
+    binarize_eval,
+    check_batch_size,
+    check_likelihood_data,
+    derive_seed,
+)
+from pyro_vae.data.datasets import Dataset, load_dataset, validate_images
+from pyro_vae.data.idx import read_idx, write_idx
+
+__all__ = [
+    "Batch",
+    "Dataset",
+    "EpochBatches",
+    "binarize_eval",
+    "check_batch_size",
+    "check_likelihood_data",
+    "derive_seed",
+    "load_dataset",
+    "read_idx",
+    "validate_images",
+    "write_idx",
+]

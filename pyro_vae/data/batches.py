@@ -1,0 +1,278 @@
+"""Mini-batches and binarisation, reproducible down to the bit.
+
+Everything random here draws from generators seeded by :func:`derive_seed`, a pure function of the run seed and the
+position in training, so that
+
+* the data order of an epoch depends only on ``(seed, epoch)``;
+* a run resumed in the middle of an epoch sees exactly the batches, and the binarised pixels, it would have seen
+  without the interruption;
+* the global torch RNG (which seeds weights and the guide's noise) is never consumed by data handling.
+
+The binarisation protocols (:data:`pyro_vae.config.BINARIZATIONS`) are
+
+* ``dynamic``: every batch is drawn afresh, ``x_bin ~ Bernoulli(x)``, with a generator seeded by
+  ``derive_seed("dynamic", seed, epoch, step, rank)``;
+* ``static``: one draw ``x_bin ~ Bernoulli(x)`` of the whole set, seeded by ``derive_seed("static", seed)``, made
+  once and reused every epoch;
+* ``threshold``: ``x_bin = (x > threshold)``;
+* ``none``: grey levels as they are.
+
+Bernoulli draws come from a generator on the data's device; CPU and CUDA generators produce different streams, so
+results are reproducible for a given device type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from pyro_vae.config import BINARIZATIONS
+from pyro_vae.errors import DataError, unknown_choice
+
+if TYPE_CHECKING:
+    from pyro_vae.data.datasets import Dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Batch",
+    "EpochBatches",
+    "binarize_eval",
+    "check_batch_size",
+    "check_likelihood_data",
+    "derive_seed",
+]
+
+
+def derive_seed(*parts: int | str) -> int:
+    """Mix integers and tags into one seed for :meth:`torch.Generator.manual_seed`.
+
+    The seed is the first 8 bytes (big-endian) of the BLAKE2b digest of the parts joined by ``":"``, shifted right
+    by one bit: ``int.from_bytes(blake2b("static:0".encode(), digest_size=8).digest(), "big") >> 1`` for
+    ``derive_seed("static", 0)``. Unlike a linear formula such as ``seed * 1_000_003 + epoch``, different tuples
+    never collide in practice, and the result always lies in ``[0, 2**63)``.
+
+    :param parts: integers and short tags, e.g. ``("dynamic", seed, epoch, step, rank)``.
+    :returns: an integer in ``[0, 2**63)``.
+    """
+    text = ":".join(str(part) for part in parts)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _check_binarize(binarize: str) -> None:
+    if binarize not in BINARIZATIONS:
+        raise unknown_choice("binarization", binarize, BINARIZATIONS)
+
+
+def check_likelihood_data(dataset: Dataset, binarize: str, likelihood: str) -> None:
+    """Refuse a Bernoulli likelihood on grey-level data.
+
+    With ``binarize="none"`` the model sees the data as it is, so the ``bernoulli`` likelihood is allowed only when
+    ``dataset.binary``; every other protocol makes the data binary.
+
+    :param Dataset dataset: the loaded data.
+    :param str binarize: one of :data:`pyro_vae.config.BINARIZATIONS`.
+    :param str likelihood: the likelihood's registered name.
+    :raises DataError: for ``bernoulli`` with ``none`` on non-binary data.
+    :raises ConfigError: for an unknown ``binarize``.
+    """
+    _check_binarize(binarize)
+    if likelihood == "bernoulli" and binarize == "none" and not dataset.binary:
+        raise DataError(
+            f"the bernoulli likelihood needs binary data but {dataset.name} has grey levels and binarize is 'none'; "
+            "use --likelihood continuous_bernoulli, or --binarize dynamic/static/threshold"
+        )
+
+
+def check_batch_size(n: int, batch_size: int) -> None:
+    """Refuse a batch larger than the training set, which would otherwise give a silent epoch of no batches.
+
+    :param int n: number of training images.
+    :param int batch_size: images per batch.
+    :raises DataError: if ``batch_size > n``.
+    """
+    if batch_size > n:
+        raise DataError(f"batch size {batch_size} exceeds the {n} training images; use --batch-size {n} or less")
+
+
+class Batch(NamedTuple):
+    """One mini-batch.
+
+    :param torch.Tensor index: ``(B,)`` int64 positions of the images in the training set, on the data's device.
+    :param torch.Tensor x: ``(B, D)`` images, binarised according to the protocol, on the data's device.
+    :param int epoch: the epoch the batch belongs to.
+    :param int step: the batch's position within the epoch (on this rank), from 0.
+    """
+
+    index: torch.Tensor
+    x: torch.Tensor
+    epoch: int
+    step: int
+
+
+class EpochBatches:
+    """Seeded, resumable, optionally sharded mini-batches of a training set.
+
+    The order of epoch ``e`` is ``torch.randperm(N, generator=Generator().manual_seed(derive_seed("order", seed,
+    e)))`` (drawn on the CPU whatever the data's device, so it is the same everywhere), or ``0..N-1`` without
+    shuffling. As :class:`torch.utils.data.DistributedSampler` does, the order is then padded by wrapping around
+    to a multiple of ``world_size`` (or cut down to one with ``drop_last``) and rank ``r`` takes
+    ``order[r::world_size]``; that shard is cut into consecutive batches. Every rank thus gets the same number of
+    batches per epoch.
+
+    :param torch.Tensor x: ``(N, D)`` float images in ``[0, 1]`` on any device, e.g. ``Dataset.x_train``.
+    :param int batch_size: images per batch.
+    :param int seed: run seed; order and binarisation derive from it.
+    :param str binarize: one of :data:`pyro_vae.config.BINARIZATIONS` (see the module docstring).
+    :param float threshold: cut-off for ``threshold``, default 0.5.
+    :param bool shuffle: permute each epoch (default) or keep the stored order.
+    :param bool drop_last: drop the images that do not fill a whole batch on every rank (no wrap-around padding and
+        no short last batch); default ``False``: the last batch may be smaller.
+    :param int rank: this process's index among ``world_size``, default 0.
+    :param int world_size: number of processes sharing the data, default 1.
+    :raises DataError: if a batch is larger than the images one rank gets.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        *,
+        batch_size: int,
+        seed: int,
+        binarize: str,
+        threshold: float = 0.5,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
+            raise TypeError(f"x must be a float (N, D) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+        _check_binarize(binarize)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1), got {threshold!r}")
+        for name, value in (("batch_size", batch_size), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        self.num_images = x.shape[0]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.binarize = binarize
+        self.threshold = threshold
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.device = x.device
+        n = self.num_images
+        self._shard_size = n // world_size if drop_last else math.ceil(n / world_size)
+        if world_size == 1:
+            check_batch_size(n, batch_size)
+        elif batch_size > self._shard_size:
+            raise DataError(
+                f"batch size {batch_size} exceeds the {self._shard_size} training images each of the {world_size} "
+                f"processes gets; use --batch-size {self._shard_size} or less"
+            )
+        if binarize == "static":
+            self._data = torch.bernoulli(x, generator=_generator(x.device, derive_seed("static", seed)))
+        elif binarize == "threshold":
+            self._data = (x > threshold).to(x.dtype)
+        else:
+            self._data = x
+
+    def len_per_epoch(self) -> int:
+        """Number of batches this rank yields per epoch."""
+        if self.drop_last:
+            return self._shard_size // self.batch_size
+        return math.ceil(self._shard_size / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.len_per_epoch()
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """This rank's image positions for ``epoch``, before cutting into batches.
+
+        :param int epoch: epoch number.
+        :returns: a CPU int64 tensor of ``len_per_epoch() * batch_size`` positions or fewer.
+        """
+        n = self.num_images
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(derive_seed("order", self.seed, epoch))
+            perm = torch.randperm(n, generator=generator)
+        else:
+            perm = torch.arange(n)
+        total = self._shard_size * self.world_size
+        if total < n:
+            perm = perm[:total]
+        elif total > n:
+            pad = total - n
+            perm = torch.cat([perm, perm.repeat(math.ceil(pad / n))[:pad]])
+        return perm[self.rank :: self.world_size]
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Yield the batches of ``epoch``, from batch ``start`` on.
+
+        Skipping is index arithmetic, so ``list(batches(e, start=k))`` equals ``list(batches(e))[k:]`` exactly,
+        dynamically binarised pixels included.
+
+        :param int epoch: epoch number; with ``seed`` it fixes the order and the binarisation.
+        :param int start: number of leading batches to skip when resuming, ``0 <= start <= len(self)``.
+        :returns: an iterator of :class:`Batch`.
+        """
+        n_batches = self.len_per_epoch()
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= n_batches:
+            raise ValueError(f"start must be an integer in [0, {n_batches}], got {start!r}")
+        return self._iterate(epoch, start, n_batches)
+
+    def _iterate(self, epoch: int, start: int, n_batches: int) -> Iterator[Batch]:
+        shard = self.order(epoch)
+        size = self.batch_size
+        for step in range(start, n_batches):
+            index = shard[step * size : (step + 1) * size].to(self.device)
+            x = self._data.index_select(0, index)
+            if self.binarize == "dynamic":
+                seed = derive_seed("dynamic", self.seed, epoch, step, self.rank)
+                x = torch.bernoulli(x, generator=_generator(self.device, seed))
+            yield Batch(index=index, x=x, epoch=epoch, step=step)
+
+    def __repr__(self) -> str:
+        return (
+            f"EpochBatches(num_images={self.num_images}, batch_size={self.batch_size}, seed={self.seed}, "
+            f"binarize={self.binarize!r}, shuffle={self.shuffle}, drop_last={self.drop_last}, rank={self.rank}, "
+            f"world_size={self.world_size}, batches_per_epoch={len(self)})"
+        )
+
+
+def binarize_eval(x: torch.Tensor, binarize: str, seed: int, threshold: float = 0.5) -> torch.Tensor:
+    """The fixed binarisation of an evaluation split, so that reported numbers carry a protocol.
+
+    ``dynamic`` and ``static`` both evaluate on one Bernoulli draw seeded by ``derive_seed("eval", seed)`` (on the
+    data's device), the same draw for every evaluation of a run; ``threshold`` gives ``(x > threshold)``;
+    ``none`` returns ``x`` itself.
+
+    :param torch.Tensor x: ``(M, D)`` float images in ``[0, 1]``, e.g. ``Dataset.x_test``.
+    :param str binarize: one of :data:`pyro_vae.config.BINARIZATIONS`.
+    :param int seed: run seed.
+    :param float threshold: cut-off for ``threshold``, default 0.5.
+    :returns: ``(M, D)`` images of ``x``'s dtype and device.
+    :raises ConfigError: for an unknown ``binarize``.
+    """
+    _check_binarize(binarize)
+    if binarize in ("dynamic", "static"):
+        return torch.bernoulli(x, generator=_generator(x.device, derive_seed("eval", seed)))
+    if binarize == "threshold":
+        return (x > threshold).to(x.dtype)
+    return x

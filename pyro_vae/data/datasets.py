@@ -1,0 +1,468 @@
+"""Image datasets: loading, validation, and the :class:`Dataset` record.
+
+:func:`load_dataset` turns a :class:`~pyro_vae.config.DataConfig` into a :class:`Dataset` whose images are float32
+``(N, D)`` tensors in ``[0, 1]``. The sources are
+
+* ``embedded``: the Fashion-MNIST subset shipped in ``pyro_vae/data/embedded`` (10000 training and 2000 test
+  images, 1000 and 200 per class), checked against the sha256 sums in its ``manifest.json`` at every load;
+* ``fashion-mnist``: the four IDX files (raw, ``.gz`` or ``.xz``) in ``data_dir``, by default where Debian's
+  ``dataset-fashion-mnist`` package installs them;
+* ``mnist``: :class:`torchvision.datasets.MNIST`, downloaded into ``data_dir`` (default ``./data``);
+* ``npz``: the user's ``.npz`` file (see :func:`load_dataset`).
+
+All images pass through :func:`validate_images` once, at load; anything unusable is a
+:class:`~pyro_vae.errors.DataError` that says what was found and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import logging
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import torch
+
+from pyro_vae.config import DEFAULT_FASHION_MNIST_DIR, DataConfig
+from pyro_vae.data.idx import decode_idx, read_idx
+from pyro_vae.errors import DataError, unknown_choice
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EMBEDDED_FILES",
+    "FASHION_MNIST_HINT",
+    "HOLDOUT_SEED",
+    "Dataset",
+    "load_dataset",
+    "load_embedded_files",
+    "validate_images",
+]
+
+#: What to tell a user whose Fashion-MNIST files are missing.
+FASHION_MNIST_HINT = "install it with: apt-get install dataset-fashion-mnist, or pass --data-dir"
+#: Seed of the permutation that holds out the test split of an ``.npz`` file without ``x_test``.
+HOLDOUT_SEED = 0
+#: File of each split in the embedded data directory, in the order the manifest lists them.
+EMBEDDED_FILES = {
+    "x_train": "train-images-idx3-ubyte.xz",
+    "y_train": "train-labels-idx1-ubyte.xz",
+    "x_test": "t10k-images-idx3-ubyte.xz",
+    "y_test": "t10k-labels-idx1-ubyte.xz",
+}
+_IDX_STEMS = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+_NPZ_KEYS = ("x", "y", "x_test", "y_test")
+
+
+@dataclass(frozen=True, repr=False)
+class Dataset:
+    """A train/test pair of image sets, validated and ready for a model.
+
+    :param str name: where the data came from: ``"embedded-fashion-mnist"``, ``"fashion-mnist"``, ``"mnist"``, or
+        ``"npz:<file name>"``.
+    :param torch.Tensor x_train: ``(N, D)`` contiguous float32 images with values in ``[0, 1]``.
+    :param y_train: ``(N,)`` int64 labels, or ``None`` when the source has none.
+    :param torch.Tensor x_test: ``(M, D)`` contiguous float32 images with values in ``[0, 1]``.
+    :param y_test: ``(M,)`` int64 labels, or ``None``.
+    :param image_shape: ``(H, W)`` with ``H * W == D`` when the source gave images, so plots can reshape rows;
+        ``None`` when it gave flat ``(N, D)`` vectors.
+    :param bool binary: whether every value of both splits is exactly 0 or 1.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor | None
+    x_test: torch.Tensor
+    y_test: torch.Tensor | None
+    image_shape: tuple[int, ...] | None
+    binary: bool
+
+    @property
+    def input_dim(self) -> int:
+        """D, the number of values per image."""
+        return self.x_train.shape[1]
+
+    def __repr__(self) -> str:
+        # The default repr would print every pixel.
+        labels = "labelled" if self.y_train is not None else "unlabelled"
+        return (
+            f"Dataset(name={self.name!r}, train={tuple(self.x_train.shape)}, test={tuple(self.x_test.shape)}, "
+            f"image_shape={self.image_shape}, binary={self.binary}, {labels})"
+        )
+
+
+class _Loaded(NamedTuple):
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor | None
+    x_test: torch.Tensor
+    y_test: torch.Tensor | None
+    image_shape: tuple[int, ...] | None
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            # numpy has no bfloat16; float32 holds every bfloat16 value exactly.
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _check_shape(x: np.ndarray, what: str) -> tuple[int, ...] | None:
+    """Return the per-image shape to remember, or refuse shapes that are not images."""
+    shape = tuple(x.shape)
+    expected = "(N, H, W), (N, 1, H, W) or flat (N, D)"
+    if x.ndim not in (2, 3, 4):
+        raise DataError(f"{what} has shape {shape} but images must be {expected}; reshape it")
+    if x.ndim == 4 and shape[1] != 1:
+        raise DataError(
+            f"{what} has shape {shape}, i.e. {shape[1]} channels, but images must be {expected}; "
+            "convert them to greyscale or flatten them to (N, D)"
+        )
+    if shape[0] == 0:
+        raise DataError(f"{what} is empty (shape {shape}); it needs at least one image")
+    if 0 in shape[1:]:
+        raise DataError(f"{what} has shape {shape}, i.e. images without pixels; check how it was made")
+    if x.ndim == 2:
+        return None
+    return shape[-2:]
+
+
+def _non_finite_message(x: np.ndarray, what: str) -> str | None:
+    finite = np.isfinite(x)
+    if finite.all():
+        return None
+    n_nan = int(np.isnan(x).sum())
+    n_inf = int(x.size - finite.sum()) - n_nan
+    first = int(np.argmin(finite.reshape(len(x), -1).all(axis=1)))
+    parts = [f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (n_inf, "infinite")) if n]
+    return f"{what} contains {' and '.join(parts)} values (first in image {first}); remove or replace those images"
+
+
+def _images(x: Any, what: str) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    arr = _as_numpy(x)
+    image_shape = _check_shape(arr, what)
+    n = arr.shape[0]
+    kind = arr.dtype.kind
+    if arr.dtype == np.uint8:
+        out = arr.reshape(n, -1).astype(np.float32) / np.float32(255.0)
+    elif kind == "b":
+        out = arr.reshape(n, -1).astype(np.float32)
+    elif kind == "f":
+        message = _non_finite_message(arr, what)
+        if message:
+            raise DataError(message)
+        low, high = float(arr.min()), float(arr.max())
+        if low < 0.0:
+            raise DataError(
+                f"{what} has values down to {low} but float images must lie in [0, 1]; rescale them to [0, 1]"
+            )
+        if high > 1.0:
+            fix = "divide by 255" if high <= 255.0 else "rescale them to [0, 1]"
+            raise DataError(f"{what} has values up to {high} but float images must lie in [0, 1]; {fix}")
+        # astype copies, so the tensor owns writable memory even when the input array was read-only.
+        out = arr.reshape(n, -1).astype(np.float32)
+    elif kind in "iu":
+        low, high = int(arr.min()), int(arr.max())
+        raise DataError(
+            f"{what} has dtype {arr.dtype} (values {low}..{high}) but images must be uint8 0..255 or float in "
+            "[0, 1]; cast it with x.astype(numpy.uint8) if the values are 0..255, or divide by 255"
+        )
+    else:
+        raise DataError(f"{what} has dtype {arr.dtype} but images must be uint8 0..255 or float in [0, 1]")
+    return torch.from_numpy(np.ascontiguousarray(out)), image_shape
+
+
+def validate_images(x: np.ndarray | torch.Tensor, *, what: str) -> torch.Tensor:
+    """Check images and convert them to the float32 ``(N, D)`` layout every model in pyro_vae takes.
+
+    Accepted are ``uint8`` values 0..255 (divided by 255), ``bool`` values, and float values in ``[0, 1]``, shaped
+    ``(N, H, W)``, ``(N, 1, H, W)`` or ``(N, D)``.
+
+    :param x: the images, a numpy array or torch tensor (on any device).
+    :param str what: how to name ``x`` in error messages, e.g. ``"x"`` or a file name.
+    :returns: a contiguous CPU float32 tensor of shape ``(N, D)`` with values in ``[0, 1]``, not sharing memory
+        with ``x``.
+    :raises DataError: if ``x`` is empty, not shaped like images, of another dtype (e.g. int64), contains NaN or
+        infinite values, or has float values outside ``[0, 1]``.
+    """
+    return _images(x, what)[0]
+
+
+def _labels(y: Any, n: int, *, what: str, images: str) -> torch.Tensor:
+    arr = _as_numpy(y)
+    if arr.dtype.kind not in "iu":
+        raise DataError(f"{what} has dtype {arr.dtype} but labels must be integers; cast it with y.astype(numpy.int64)")
+    if arr.ndim != 1:
+        raise DataError(f"{what} has shape {tuple(arr.shape)} but labels must be a vector (N,); flatten it")
+    if len(arr) != n:
+        raise DataError(
+            f"{what} has {len(arr)} labels but {images} has {n} images; they must match one to one, "
+            "check that they belong together"
+        )
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def _split(
+    name: str, x_train: Any, y_train: Any, x_test: Any, y_test: Any, *, what: tuple[str, str, str, str]
+) -> _Loaded:
+    """Validate both splits of a source; ``what`` names x_train, y_train, x_test, y_test in messages."""
+    xt, shape_train = _images(x_train, what[0])
+    xs, shape_test = _images(x_test, what[2])
+    if xt.shape[1] != xs.shape[1] or shape_train != shape_test:
+        raise DataError(
+            f"{what[0]} holds images of shape {shape_train or xt.shape[1]} but {what[2]} of shape "
+            f"{shape_test or xs.shape[1]}; both splits must have the same image shape"
+        )
+    yt = None if y_train is None else _labels(y_train, len(xt), what=what[1], images=what[0])
+    ys = None if y_test is None else _labels(y_test, len(xs), what=what[3], images=what[2])
+    return _Loaded(name, xt, yt, xs, ys, shape_train)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_embedded_files(directory: Traversable | Path) -> dict[str, np.ndarray]:
+    """Read and verify the embedded IDX files in ``directory`` against its ``manifest.json``.
+
+    :param directory: a directory holding ``manifest.json`` and the files of :data:`EMBEDDED_FILES`.
+    :returns: ``{"x_train": uint8 (N, 28, 28), "y_train": uint8 (N,), "x_test": ..., "y_test": ...}``.
+    :raises DataError: if a file is missing, or its sha256 or shape differs from the manifest.
+    """
+    fix = "the package data is damaged; reinstall pyro_vae"
+    manifest_file = directory / "manifest.json"
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        entries = {key: manifest["files"][name] for key, name in EMBEDDED_FILES.items()}
+        counts = {"train": manifest["n_train"], "test": manifest["n_test"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"embedded data manifest {manifest_file} cannot be read ({exc!r}); {fix}") from exc
+    arrays = {}
+    for key, name in EMBEDDED_FILES.items():
+        source = directory / name
+        try:
+            raw = source.read_bytes()
+        except OSError as exc:
+            raise DataError(f"embedded data file {source} cannot be read ({exc.strerror}); {fix}") from exc
+        digest = _sha256(raw)
+        if digest != entries[key].get("sha256"):
+            raise DataError(
+                f"embedded data file {source} ({len(raw)} bytes) has sha256 {digest[:16]}... but the manifest "
+                f"records {str(entries[key].get('sha256'))[:16]}...; {fix}"
+            )
+        arrays[key] = decode_idx(raw, source=str(source), suffix=".xz")
+        n = counts[key.split("_")[1]]
+        if arrays[key].shape[0] != n or list(arrays[key].shape) != entries[key].get("shape"):
+            raise DataError(
+                f"embedded data file {source} holds shape {arrays[key].shape} but the manifest records "
+                f"{entries[key].get('shape')} with {n} images; {fix}"
+            )
+    return arrays
+
+
+def _load_embedded(config: DataConfig) -> _Loaded:
+    if config.data_dir:
+        logger.warning("data_dir %r is ignored: dataset 'embedded' is read from the package", config.data_dir)
+    arrays = load_embedded_files(importlib.resources.files("pyro_vae.data") / "embedded")
+    return _split(
+        "embedded-fashion-mnist",
+        arrays["x_train"],
+        arrays["y_train"],
+        arrays["x_test"],
+        arrays["y_test"],
+        what=tuple(f"embedded {EMBEDDED_FILES[key]}" for key in ("x_train", "y_train", "x_test", "y_test")),
+    )
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for suffix in ("", ".gz", ".xz"):
+        candidate = directory / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"Fashion-MNIST file {stem}[.gz] not found in {directory}; {FASHION_MNIST_HINT}")
+
+
+def _load_fashion_mnist(config: DataConfig) -> _Loaded:
+    directory = Path(config.data_dir or DEFAULT_FASHION_MNIST_DIR)
+    paths = {key: _find_idx(directory, stem) for key, stem in _IDX_STEMS.items()}
+    arrays = {key: read_idx(path, missing_hint=FASHION_MNIST_HINT) for key, path in paths.items()}
+    for key in ("x_train", "x_test"):
+        if arrays[key].ndim != 3:
+            raise DataError(
+                f"{paths[key]} holds an array of shape {arrays[key].shape} but an IDX image file is (N, H, W); "
+                "check that the file names are not swapped"
+            )
+    return _split(
+        "fashion-mnist",
+        arrays["x_train"],
+        arrays["y_train"],
+        arrays["x_test"],
+        arrays["y_test"],
+        what=tuple(str(paths[key]) for key in ("x_train", "y_train", "x_test", "y_test")),
+    )
+
+
+def _load_mnist(config: DataConfig) -> _Loaded:
+    # torchvision takes seconds to import and only this source needs it.
+    from torchvision import datasets
+
+    root = config.data_dir or "./data"
+    parts = []
+    for train in (True, False):
+        try:
+            mnist = datasets.MNIST(root=root, train=train, download=True)
+        except (RuntimeError, OSError) as exc:
+            lines = str(exc).strip().splitlines()
+            cause = lines[0].rstrip(":") if lines else type(exc).__name__
+            raise DataError(
+                f"could not download MNIST into {root} (no network? {cause}); pass --data-dir with the MNIST files, "
+                "or use --dataset embedded / fashion-mnist"
+            ) from exc
+        parts += [mnist.data, mnist.targets]
+    return _split(
+        "mnist",
+        *parts,
+        what=("MNIST training images", "MNIST training labels", "MNIST test images", "MNIST test labels"),
+    )
+
+
+def _load_npz(config: DataConfig) -> _Loaded:
+    path = Path(config.path)
+    if not path.is_file():
+        raise DataError(f"data file {path} not found; check the path given with --data")
+    size = path.stat().st_size
+    save_hint = "save the images with numpy.savez(path, x=images, y=labels)"
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"data file {path} ({size} bytes) is not a numpy .npz archive ({exc}); {save_hint}") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"data file {path} holds a single array (.npy), not an .npz archive; {save_hint}")
+    with archive:
+        keys = list(archive.files)
+        if "x" not in keys:
+            raise DataError(
+                f"data file {path} has no array 'x' (it has: {', '.join(keys) or 'no arrays'}); {save_hint}"
+            )
+        ignored = sorted(set(keys) - set(_NPZ_KEYS))
+        if ignored:
+            logger.warning("ignoring arrays %s in %s: only x, y, x_test and y_test are read", ignored, path)
+        arrays = {}
+        for key in _NPZ_KEYS:
+            if key not in keys:
+                continue
+            try:
+                arrays[key] = archive[key]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                raise DataError(f"array {key!r} of data file {path} cannot be read ({exc}); {save_hint}") from exc
+    if "y_test" in arrays and "x_test" not in arrays:
+        raise DataError(f"data file {path} has y_test but no x_test; add the test images or drop y_test")
+    if "x_test" in arrays and ("y" in arrays) != ("y_test" in arrays):
+        have, lack = ("y", "y_test") if "y" in arrays else ("y_test", "y")
+        raise DataError(f"data file {path} has {have} but no {lack}; give labels for both splits or for neither")
+    name = f"npz:{path.name}"
+    if "x_test" in arrays:
+        return _split(
+            name,
+            arrays["x"],
+            arrays.get("y"),
+            arrays["x_test"],
+            arrays.get("y_test"),
+            what=("x", "y", "x_test", "y_test"),
+        )
+    x, image_shape = _images(arrays["x"], "x")
+    y = _labels(arrays["y"], len(x), what="y", images="x") if "y" in arrays else None
+    n = len(x)
+    n_test = max(1, round(n * config.test_fraction))
+    if n_test >= n:
+        raise DataError(
+            f"x has {n} images, too few to hold out test_fraction {config.test_fraction} and keep at least one "
+            "image in each split; add images, change test_fraction, or give x_test"
+        )
+    perm = torch.from_numpy(np.random.default_rng(HOLDOUT_SEED).permutation(n))
+    test, train = perm[:n_test], perm[n_test:]
+    return _Loaded(
+        name,
+        x[train],
+        None if y is None else y[train],
+        x[test],
+        None if y is None else y[test],
+        image_shape,
+    )
+
+
+_LOADERS: dict[str, Callable[[DataConfig], _Loaded]] = {
+    "embedded": _load_embedded,
+    "fashion-mnist": _load_fashion_mnist,
+    "mnist": _load_mnist,
+    "npz": _load_npz,
+}
+
+
+def _first(x: torch.Tensor, y: torch.Tensor | None, n: int | None, *, split: str, name: str):
+    if n is None or n == len(x):
+        return x, y
+    if n > len(x):
+        words = {"train": "training", "test": "test"}[split]
+        raise DataError(
+            f"n_{split}={n} exceeds the {len(x)} {words} images of {name}; use --n-{split} {len(x)} or less"
+        )
+    # clone() lets the full split be freed instead of staying alive behind a view.
+    return x[:n].clone(), None if y is None else y[:n].clone()
+
+
+def _is_binary(x: torch.Tensor) -> bool:
+    return bool(((x == 0) | (x == 1)).all())
+
+
+def load_dataset(config: DataConfig) -> Dataset:
+    """Load and validate the images a :class:`~pyro_vae.config.DataConfig` names.
+
+    ``n_train`` / ``n_test`` keep the first images of each split. For ``npz``, the file at ``config.path`` must
+    hold ``x`` (``uint8`` 0..255, ``bool``, or float in ``[0, 1]``; shaped ``(N, 28, 28)``, ``(N, 1, 28, 28)``,
+    any other ``(N, H, W)``, or flat ``(N, D)``) and may hold integer labels ``y`` and a test split
+    ``x_test`` / ``y_test``. Without ``x_test``, a permutation seeded with :data:`HOLDOUT_SEED` holds out
+    ``round(N * test_fraction)`` images (at least one) as the test split; both splits keep that permuted order.
+    Other arrays in the file are ignored with a warning.
+
+    :param DataConfig config: the data section of the run configuration.
+    :returns: the validated :class:`Dataset`, on the CPU.
+    :raises DataError: if the data is missing, damaged, or not usable as images (see :func:`validate_images`), or
+        ``n_train`` / ``n_test`` exceed the split.
+    :raises ConfigError: if ``config.dataset`` names no known source.
+    """
+    loader = _LOADERS.get(config.dataset)
+    if loader is None:
+        raise unknown_choice("dataset", config.dataset, _LOADERS)
+    loaded = loader(config)
+    x_train, y_train = _first(loaded.x_train, loaded.y_train, config.n_train, split="train", name=loaded.name)
+    x_test, y_test = _first(loaded.x_test, loaded.y_test, config.n_test, split="test", name=loaded.name)
+    dataset = Dataset(
+        name=loaded.name,
+        x_train=x_train.contiguous(),
+        y_train=y_train,
+        x_test=x_test.contiguous(),
+        y_test=y_test,
+        image_shape=loaded.image_shape,
+        binary=_is_binary(x_train) and _is_binary(x_test),
+    )
+    logger.info("loaded %r", dataset)
+    return dataset

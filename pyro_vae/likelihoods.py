@@ -1,0 +1,92 @@
+"""Observation models p(x | z): from the decoder's raw output to a Pyro distribution over a whole image.
+
+Each likelihood says how many raw numbers it needs per pixel (:attr:`Likelihood.params_per_dim`), turns the
+decoder's output into a distribution with ``event_shape (D,)`` (``.to_event(1)``), and gives the mean image used for
+reconstructions and samples. Register a new one with :func:`register`; the CLI's ``--likelihood`` choices are
+:func:`likelihood_names`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from pyro_vae.errors import unknown_choice
+
+_REGISTRY: dict[str, type[Likelihood]] = {}
+
+
+def register(cls: type[Likelihood]) -> type[Likelihood]:
+    """Class decorator that adds a likelihood to the registry under ``cls.name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def likelihood_names() -> list[str]:
+    """Names of the registered likelihoods, sorted."""
+    return sorted(_REGISTRY)
+
+
+def make_likelihood(name: str) -> Likelihood:
+    """Build a registered likelihood by name; unknown names get the list of choices."""
+    if name not in _REGISTRY:
+        raise unknown_choice("likelihood", name, _REGISTRY)
+    return _REGISTRY[name]()
+
+
+class Likelihood(nn.Module):
+    """Base class: maps decoder output ``(..., D * params_per_dim)`` to p(x | z) with ``event_shape (D,)``.
+
+    :cvar str name: registry name.
+    :cvar int params_per_dim: raw decoder outputs per data dimension.
+    :cvar bool requires_binary: whether observations must be exactly 0 or 1.
+    """
+
+    name: ClassVar[str]
+    params_per_dim: ClassVar[int] = 1
+    requires_binary: ClassVar[bool] = False
+
+    def output_dim(self, input_dim: int) -> int:
+        """Decoder output width for data of dimension ``input_dim``."""
+        return input_dim * self.params_per_dim
+
+    def forward(self, raw: torch.Tensor) -> dist.TorchDistribution:
+        raise NotImplementedError
+
+    def mean(self, raw: torch.Tensor) -> torch.Tensor:
+        """Expected image E[x | z], ``(..., D)``, for reconstructions and sample grids."""
+        raise NotImplementedError
+
+
+@register
+class BernoulliLikelihood(Likelihood):
+    """``Bernoulli(logits=decoder(z)).to_event(1)``: the standard likelihood for binarised images.
+
+    Its support is {0, 1}; grey-level data must be binarised first (``--binarize dynamic``, the default).
+    """
+
+    name = "bernoulli"
+    requires_binary = True
+
+    def forward(self, raw: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Bernoulli(logits=raw).to_event(1)
+
+    def mean(self, raw: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(raw)
+
+
+@register
+class ContinuousBernoulliLikelihood(Likelihood):
+    """``ContinuousBernoulli(logits=decoder(z)).to_event(1)`` for grey levels in [0, 1] (Loaiza-Ganem and
+    Cunningham, 2019). Use it with ``--binarize none``; its mean differs from ``sigmoid(logits)``."""
+
+    name = "continuous_bernoulli"
+
+    def forward(self, raw: torch.Tensor) -> dist.TorchDistribution:
+        return dist.ContinuousBernoulli(logits=raw).to_event(1)
+
+    def mean(self, raw: torch.Tensor) -> torch.Tensor:
+        return dist.ContinuousBernoulli(logits=raw).mean

@@ -1,0 +1,188 @@
+"""The variational autoencoder as a Pyro model and an amortised Pyro guide.
+
+::
+
+    model(x):  z ~ N(0, I)            # (B, L), inside pyro.plate("data", size=N, subsample=index)
+               x ~ p(x | decoder(z))  # observed
+    guide(x):  z ~ family(encoder(x)) # q(z | x), reparameterised
+
+Both programs run inside ``pyro.plate("data", size=num_data, subsample=index)``: with a minibatch of B images out
+of N, Pyro scales every log-density in the plate by N / B, so the minibatch ELBO is an unbiased estimate of the
+full-data ELBO. The model never computes its own loss: :class:`pyro.infer.SVI` with an ELBO does.
+
+Parameters belong to the :class:`VAE` instance. They are announced to Pyro as ``param`` sites whose values are the
+module's own tensors (as :class:`pyro.nn.PyroModule` does with ``module_local_params``), and never go into the
+global param store. Building a new ``VAE`` in a notebook and training it again therefore trains the new network; with
+shared ``pyro.module`` names the old store entries would silently shadow it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.poutine.runtime import effectful
+from torch import nn
+
+from pyro_vae.config import ModelConfig
+from pyro_vae.guides import GuideFamily, make_family
+from pyro_vae.likelihoods import Likelihood, make_likelihood
+from pyro_vae.networks import Decoder, Encoder
+
+
+def _param_site(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Emit a ``param`` site whose value is ``value`` itself, so that SVI finds and optimises it."""
+    return effectful(type="param")(lambda *_, **__: value)(name, constraint=constraints.real, event_dim=None, name=name)
+
+
+# Which submodules' parameters each Pyro program announces: the model owns the decoder and the likelihood, the
+# guide the encoder and the family.
+_PARAM_GROUPS = {"model": ("decoder", "likelihood"), "guide": ("encoder", "family")}
+
+
+class VAE(nn.Module):
+    """A VAE whose variational family is a plug-in.
+
+    :param int input_dim: D, the flattened size of one data point (taken from the data).
+    :param int latent_dim: L.
+    :param hidden_dims: encoder hidden widths from the input side; the decoder uses them reversed. Default is the
+        seed network ``(512, 256, 128, 64)``.
+    :param str activation: non-linearity (SiLU in the seed).
+    :param guide: a family name for :func:`pyro_vae.guides.make_family` (e.g. ``"mvn_diag"``, ``"low_rank:4"``)
+        or a ready :class:`~pyro_vae.guides.GuideFamily`.
+    :param dict guide_options: options for the family when ``guide`` is a name.
+    :param likelihood: a likelihood name (``"bernoulli"``, ``"continuous_bernoulli"``) or a
+        :class:`~pyro_vae.likelihoods.Likelihood`.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        latent_dim: int = 16,
+        hidden_dims: Sequence[int] = (512, 256, 128, 64),
+        activation: str = "silu",
+        guide: str | GuideFamily = "mvn_diag",
+        guide_options: dict | None = None,
+        likelihood: str | Likelihood = "bernoulli",
+    ):
+        super().__init__()
+        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim <= 0:
+            raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
+        family = make_family(guide, latent_dim, **(guide_options or {})) if isinstance(guide, str) else guide
+        if family.latent_dim != latent_dim:
+            raise ValueError(f"guide family has latent_dim={family.latent_dim} but the VAE has {latent_dim}")
+        self.input_dim = input_dim
+        self.latent_dim = latent_dim
+        self.family = family
+        self.likelihood = make_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
+        self.encoder = Encoder(input_dim, hidden_dims, family.num_params, activation)
+        self.decoder = Decoder(latent_dim, tuple(reversed(tuple(hidden_dims))), self.likelihood.output_dim(input_dim))
+        self._arange_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._param_cache: dict[str, list[tuple[str, torch.Tensor]]] = {}
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, input_dim: int) -> VAE:
+        """Build the VAE a :class:`~pyro_vae.config.ModelConfig` describes, for data of dimension ``input_dim``."""
+        return cls(
+            input_dim,
+            latent_dim=config.latent_dim,
+            hidden_dims=config.hidden_dims,
+            activation=config.activation,
+            guide=config.guide,
+            guide_options=dict(config.guide_options),
+            likelihood=config.likelihood,
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Pyro programs
+    def _param_sites(self, group: str) -> list[tuple[str, torch.Tensor]]:
+        # Cached because named_parameters() costs tens of microseconds per call on the hot path; invalidated by
+        # _apply (.to(), .cuda(), .double(), ...), which may swap the parameter tensors.
+        sites = self._param_cache.get(group)
+        if sites is None:
+            sites = []
+            for prefix in _PARAM_GROUPS[group]:
+                for name, p in getattr(self, prefix).named_parameters():
+                    p.unconstrained = weakref.ref(p)  # SVI asks every param site for its unconstrained tensor
+                    p._pyro_vae_site_name = f"{prefix}.{name}"  # orders SingleOptimizer's state deterministically
+                    sites.append((p._pyro_vae_site_name, p))
+            self._param_cache[group] = sites
+        return sites
+
+    def _apply(self, fn, recurse=True):
+        self._param_cache = {}
+        self._arange_cache = {}
+        return super()._apply(fn, recurse)
+
+    def _plate(self, x: torch.Tensor, num_data: int | None, index: torch.Tensor | None) -> pyro.plate:
+        batch = x.shape[0]
+        if index is None:
+            key = (batch, x.device)
+            index = self._arange_cache.get(key)
+            if index is None:
+                index = self._arange_cache[key] = torch.arange(batch, device=x.device)
+        return pyro.plate("data", size=num_data if num_data is not None else batch, subsample=index)
+
+    def model(self, x: torch.Tensor, num_data: int | None = None, index: torch.Tensor | None = None) -> None:
+        """The generative model p(z) p(x | z) for a minibatch.
+
+        :param x: observed data, ``(B, D)``.
+        :param num_data: N, the size of the data set the minibatch comes from (default B): sets the plate's scale
+            N / B.
+        :param index: positions of the minibatch in the data set, ``(B,)`` (default ``arange(B)``).
+        """
+        for name, p in self._param_sites("model"):
+            _param_site(name, p)
+        with self._plate(x, num_data, index):
+            prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([x.shape[0], self.latent_dim]).to_event(1)
+            z = pyro.sample("z", prior)  # (B, L), or (P, B, L) with vectorised particles
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    def guide(self, x: torch.Tensor, num_data: int | None = None, index: torch.Tensor | None = None) -> None:
+        """The amortised guide q(z | x): ``family(encoder(x))``. Takes the same arguments as :meth:`model`."""
+        for name, p in self._param_sites("guide"):
+            _param_site(name, p)
+        with self._plate(x, num_data, index):
+            pyro.sample("z", self._posterior(x))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Plain-torch helpers (no Pyro effects)
+    def _posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        if self.family.uses_context:
+            features = self.encoder.features(x)  # (B, H)
+            return self.family(self.encoder.head(features), context=features)
+        return self.family(self.encoder(x))
+
+    def encode(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """q(z | x) for a batch ``(B, D)``: batch_shape ``(B,)``, event_shape ``(L,)``."""
+        return self._posterior(x)
+
+    def decode(self, z: torch.Tensor) -> dist.TorchDistribution:
+        """p(x | z) for latent codes ``(..., L)``: event_shape ``(D,)``."""
+        return self.likelihood(self.decoder(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """Mean image E[x | z] at the posterior mean of z (or at a posterior sample), ``(B, D)``."""
+        q = self.encode(x)
+        z = q.sample() if sample else posterior_mean(q)
+        return self.likelihood.mean(self.decoder(z))
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean images E[x | z] for ``n`` codes drawn from the prior N(0, I), ``(n, D)``."""
+        ref = next(self.decoder.parameters())
+        z = torch.randn(n, self.latent_dim, generator=generator, device=ref.device, dtype=ref.dtype)
+        return self.likelihood.mean(self.decoder(z))
+
+
+def posterior_mean(q: dist.TorchDistribution) -> torch.Tensor:
+    """Mean of q(z | x) where the family has one in closed form; a 64-sample average otherwise (flows)."""
+    try:
+        return q.mean
+    except NotImplementedError:
+        return q.sample((64,)).mean(0)

@@ -1,0 +1,22 @@
+"""Shared test set-up: every test is seeded and runs with Pyro validation on."""
+
+import pyro
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seeded_and_validated():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    with pyro.validation_enabled(True):
+        yield
+
+
+@pytest.fixture
+def float64():
+    """Run a test in float64 (the reference precision), restoring the default dtype afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

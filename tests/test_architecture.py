@@ -1,0 +1,112 @@
+"""Static checks of the package: the layer contract, safe loading, no asserts, lint."""
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
+
+# Layer of each module (see DESIGN.md): a module may import only from strictly lower layers, or from its own
+# subpackage. errors and config are the foundation.
+LAYERS = {
+    "errors": 0,
+    "config": 0,
+    "data": 0,
+    "networks": 1,
+    "likelihoods": 1,
+    "guides": 1,
+    "model": 2,
+    "objectives": 3,
+    "evaluation": 3,
+    "checkpoint": 3,
+    "optim": 3,
+    "train": 4,
+    "distributed": 4,
+    "plotting": 5,
+    "cli": 6,
+    "__main__": 7,
+}
+
+
+def modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        top = rel.parts[0].removesuffix(".py")
+        yield path, top
+
+
+def imported_pyro_vae_modules(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pyro_vae."):
+            yield node.module.split(".")[1]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("pyro_vae."):
+                    yield alias.name.split(".")[1]
+
+
+@pytest.mark.parametrize(("path", "top"), list(modules()), ids=lambda v: str(v).split("pyro_vae/")[-1])
+def test_imports_point_down(path, top):
+    if top == "__init__":
+        return
+    assert top in LAYERS, f"{top} has no layer; add it to LAYERS and DESIGN.md"
+    for target in imported_pyro_vae_modules(path):
+        if target == top:
+            continue
+        both_foundation = LAYERS[top] == 0 and target in ("errors", "config")
+        assert LAYERS[target] < LAYERS[top] or both_foundation, f"{top} (layer {LAYERS[top]}) imports {target}"
+
+
+def test_package_init_does_not_import_plotting_or_cli_or_torch():
+    code = (
+        "import sys, pyro_vae; "
+        "print(sorted(m for m in ('torch', 'pyro_vae.plotting', 'pyro_vae.cli') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_public_api_resolves():
+    import pyro_vae
+
+    assert sorted(pyro_vae.__all__) == sorted(pyro_vae._EXPORTS)
+    for name in pyro_vae.__all__:
+        assert getattr(pyro_vae, name) is not None
+
+
+def test_every_torch_load_is_weights_only():
+    for path, _ in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load":
+                if getattr(node.func.value, "id", None) == "torch":
+                    kw = {k.arg: k.value for k in node.keywords}
+                    assert "weights_only" in kw and kw["weights_only"].value is True, f"{path}:{node.lineno}"
+
+
+def test_no_assert_in_product_code():
+    for path, _ in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            assert not isinstance(node, ast.Assert), f"assert in {path}:{node.lineno}; raise a named error instead"
+
+
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).exists():
+        pytest.fail("ruff is not installed; pip install -e '.[test]'")
+    root = PACKAGE.parent
+    proc = subprocess.run(
+        [ruff, "check", "pyro_vae", "tests", "scripts", "benchmarks"], cwd=root, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run(
+        [ruff, "format", "--check", "pyro_vae", "tests", "scripts", "benchmarks"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
