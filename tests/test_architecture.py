@@ -95,8 +95,9 @@ def test_no_assert_in_product_code():
 
 
 def test_ruff_is_clean():
-    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
-    if not Path(ruff).exists():
+    venv_ruff = Path(sys.executable).with_name("ruff")
+    ruff = str(venv_ruff) if venv_ruff.exists() else shutil.which("ruff")
+    if ruff is None:
         pytest.fail("ruff is not installed; pip install -e '.[test]'")
     root = PACKAGE.parent
     proc = subprocess.run(
