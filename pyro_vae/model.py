@@ -76,6 +76,18 @@ class VAE(nn.Module):
         if family.latent_dim != latent_dim:
             raise ValueError(f"guide family has latent_dim={family.latent_dim} but the VAE has {latent_dim}")
         self.input_dim = input_dim
+        #: The :class:`~pyro_vae.config.ModelConfig` this VAE was built from, or ``None`` when it was given objects
+        #: (a ready family or likelihood) that a config cannot describe.
+        self.config: ModelConfig | None = None
+        if isinstance(guide, str) and isinstance(likelihood, str):
+            self.config = ModelConfig(
+                latent_dim=latent_dim,
+                hidden_dims=tuple(hidden_dims),
+                activation=activation,
+                guide=guide,
+                guide_options=dict(guide_options or {}),
+                likelihood=likelihood,
+            )
         self.latent_dim = latent_dim
         self.family = family
         self.likelihood = make_likelihood(likelihood) if isinstance(likelihood, str) else likelihood

@@ -118,17 +118,36 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _consistent_config(vae: VAE, config: RunConfig | None) -> RunConfig:
+    """The run config with a model section that describes ``vae``; a config that contradicts the VAE is refused, so
+    that ``config.json`` never records a model other than the one trained."""
+    if config is None:
+        return RunConfig(model=vae.config) if vae.config is not None else RunConfig()
+    if vae.config is not None and config.model != vae.config:
+        differ = [
+            f"{name} ({getattr(config.model, name)!r} in the config, {getattr(vae.config, name)!r} in the VAE)"
+            for name in vae.config.__dataclass_fields__
+            if getattr(config.model, name) != getattr(vae.config, name)
+        ]
+        raise ConfigError(
+            f"config.model does not describe the VAE: {'; '.join(differ)}; "
+            "build the VAE with VAE.from_config(config.model, data.input_dim)"
+        )
+    return config
+
+
 def fit(vae: VAE, data: Dataset, config: RunConfig | None = None, *, out_dir: str | Path | None = None) -> FitResult:
     """Train ``vae`` on ``data`` with SVI.
 
     :param vae: the model; moved to the configured device.
     :param data: a loaded :class:`~pyro_vae.data.Dataset`.
-    :param config: the run configuration (default :class:`~pyro_vae.config.RunConfig()`); only its ``data``
-        binarisation fields and ``train`` section are used here; the model must already match ``config.model``.
+    :param config: the run configuration (default: defaults, with the model section taken from ``vae.config``); its
+        ``data`` binarisation fields and ``train`` section drive the run, and its ``model`` section must describe
+        ``vae`` (a mismatch is a :class:`~pyro_vae.errors.ConfigError`).
     :param out_dir: run directory for ``config.json``, ``metrics.jsonl`` and ``last.pt`` (``None``: write nothing).
     :returns: a :class:`FitResult`.
     """
-    config = config or RunConfig()
+    config = _consistent_config(vae, config)
     tc, dc = config.train, config.data
     if tc.threads is not None:
         torch.set_num_threads(tc.threads)

@@ -80,3 +80,14 @@ def test_meanfield_objective_and_continuous_bernoulli(small_data):
     vae = VAE.from_config(cfg.model, small_data.input_dim)
     result = fit(vae, small_data, cfg)
     assert math.isfinite(result.test_elbo.mean)
+
+
+def test_config_that_contradicts_the_vae_is_refused(small_data):
+    from pyro_vae.errors import ConfigError
+
+    vae = VAE(small_data.input_dim, latent_dim=3, hidden_dims=(32, 16))
+    with pytest.raises(ConfigError, match=r"latent_dim \(2 in the config, 3 in the VAE\)"):
+        fit(vae, small_data, config(epochs=1))
+    from pyro_vae.train import _consistent_config
+
+    assert _consistent_config(vae, None).model == vae.config  # without a config, the VAE describes itself
