@@ -34,9 +34,13 @@ from pyro_vae.likelihoods import Likelihood, make_likelihood
 from pyro_vae.networks import Decoder, Encoder
 
 
-def _param_site(name: str, value: torch.Tensor) -> torch.Tensor:
-    """Emit a ``param`` site whose value is ``value`` itself, so that SVI finds and optimises it."""
-    return effectful(type="param")(lambda *_, **__: value)(name, constraint=constraints.real, event_dim=None, name=name)
+def _own_value(name: str, value: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return value
+
+
+# A ``param`` site whose value is the given tensor itself, so that SVI finds and optimises it. Built once: wrapping
+# per call would cost a functools.wraps on every parameter of every step.
+_announce_param = effectful(_own_value, type="param")
 
 
 # Which submodules' parameters each Pyro program announces: the model owns the decoder and the likelihood, the
@@ -148,7 +152,7 @@ class VAE(nn.Module):
         :param index: positions of the minibatch in the data set, ``(B,)`` (default ``arange(B)``).
         """
         for name, p in self._param_sites("model"):
-            _param_site(name, p)
+            _announce_param(name, p, constraint=constraints.real, event_dim=None, name=name)
         with self._plate(x, num_data, index):
             prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([x.shape[0], self.latent_dim]).to_event(1)
             z = pyro.sample("z", prior)  # (B, L), or (P, B, L) with vectorised particles
@@ -157,7 +161,7 @@ class VAE(nn.Module):
     def guide(self, x: torch.Tensor, num_data: int | None = None, index: torch.Tensor | None = None) -> None:
         """The amortised guide q(z | x): ``family(encoder(x))``. Takes the same arguments as :meth:`model`."""
         for name, p in self._param_sites("guide"):
-            _param_site(name, p)
+            _announce_param(name, p, constraint=constraints.real, event_dim=None, name=name)
         with self._plate(x, num_data, index):
             pyro.sample("z", self._posterior(x))
 

@@ -134,6 +134,10 @@ class SingleOptimizer(PyroOptim):
             torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_norm, total, foreach=True)
         self.optimizer.step(*args, **kwargs)
         self.steps += 1
+        # Drop the gradients instead of letting SVI zero them: pyro.infer.util.zero_grads allocates a zero tensor
+        # per parameter, and backward then accumulates into it instead of writing the fresh gradient in place.
+        for p in self.params:
+            p.grad = None
 
     # --------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,257 @@
+"""Training-step speed: the pyro_vae SVI step against hand-written PyTorch, side by side in one process.
+
+Contenders (same initial weights, same batches, each with its own copy of the same RNG stream):
+
+* ``a`` — pyro_vae's default step: ``SVI(vae.model, vae.guide, SingleOptimizer(fused AdamW), Trace_ELBO())``,
+  validation off, exactly as :func:`pyro_vae.fit` runs it after the first step;
+* ``b`` — hand-written PyTorch VAE over the same networks: reparameterisation by hand, closed-form KL, Bernoulli
+  log-likelihood from logits, default ``torch.optim.AdamW``;
+* ``c`` — ``b`` with ``fused=True``;
+* ``d`` — Pyro out of the box: ``SVI`` + ``Trace_ELBO`` + ``pyro.optim.AdamW`` (one optimiser per tensor), validation
+  on, and the seed family written literally as ``MultivariateNormal(loc, scale_tril=diag_embed(scale))``.
+
+Contenders run interleaved in chunks with a rotating order; the table gives the median and interquartile range of
+the per-step time and the *paired* ratios (per round, the ratio of the two contenders' chunk medians; then the
+median over rounds). The FLOP-bound fraction is ``6 × parameters × batch / matmul_rate / step_time``, with the matmul
+rate measured in the same run. All AdamW variants use lr 1e-3 and weight decay 0, so every contender optimises the
+same objective.
+
+Run ``python benchmarks/train_speed.py`` for the full table, ``--quick`` for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import pyro
+import pyro.optim
+import torch
+import torch.nn.functional as F
+from pyro.infer import SVI, Trace_ELBO
+
+from pyro_vae.config import DataConfig
+from pyro_vae.data import EpochBatches, load_dataset
+from pyro_vae.guides.gaussian import MVNDiag
+from pyro_vae.model import VAE
+from pyro_vae.optim import adamw
+
+LR = 1e-3
+
+
+class LiteralMVNDiag(MVNDiag):
+    """The seed family as a user would write it, without pyro_vae's diagonal fast path."""
+
+    def forward(self, raw, context=None):
+        loc, scale = self.split(raw)
+        return pyro.distributions.MultivariateNormal(loc, scale_tril=torch.diag_embed(scale))
+
+
+class Contender:
+    """One way of taking a training step; owns its model, optimiser and RNG stream."""
+
+    def __init__(self, name: str, vae: VAE, step, rng_state: torch.Tensor):
+        self.name, self.vae, self._step, self.rng_state = name, vae, step, rng_state.clone()
+        self.times: list[list[float]] = []
+        self.losses: list[float] = []
+
+    def run(self, batches) -> None:
+        torch.set_rng_state(self.rng_state)
+        chunk = []
+        for x in batches:
+            start = time.perf_counter()
+            loss = self._step(x)
+            chunk.append(time.perf_counter() - start)
+            self.losses.append(loss)
+        self.rng_state = torch.get_rng_state()
+        self.times.append(chunk)
+
+
+def make_pyro_step(vae: VAE, num_data: int, out_of_the_box: bool):
+    if out_of_the_box:
+        svi = SVI(vae.model, vae.guide, pyro.optim.AdamW({"lr": LR, "weight_decay": 0.0}), Trace_ELBO())
+
+        def step(x):
+            with pyro.validation_enabled(True):
+                return svi.step(x, num_data) / num_data
+
+    else:
+        svi = SVI(vae.model, vae.guide, adamw(LR), Trace_ELBO())
+
+        def step(x):
+            with pyro.validation_enabled(False):
+                return svi.step(x, num_data) / num_data
+
+    return step
+
+
+def make_torch_step(vae: VAE, num_data: int, fused: bool):
+    """A hand-written VAE step over the same networks: the reference a Pyro user would otherwise write."""
+    optim = torch.optim.AdamW(vae.parameters(), lr=LR, weight_decay=0.0, fused=fused or None)
+    latent = vae.latent_dim
+    eps = vae.family.eps
+
+    def step(x):
+        raw = vae.encoder(x)  # (B, 2L)
+        loc, scale = raw[:, :latent], F.softplus(raw[:, latent:]) + eps
+        z = loc + scale * torch.randn_like(loc)
+        logits = vae.decoder(z)
+        rec = -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+        kl = 0.5 * (scale.square() + loc.square() - 1).sum(-1) - scale.log().sum(-1)
+        loss = -(rec - kl).sum() * (num_data / x.shape[0])
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        return loss.item() / num_data
+
+    return step
+
+
+def matmul_rate(seconds: float = 1.0) -> float:
+    """FLOP/s of float32 square matmuls of size 1024 (median of repeated timings)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    rates = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(rates) < 5:
+        start = time.perf_counter()
+        a @ b
+        rates.append(2 * 1024**3 / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def build(latent: int, guide: str, input_dim: int, literal: bool = False) -> VAE:
+    torch.manual_seed(0)
+    if literal and guide == "mvn_diag":
+        return VAE(input_dim, latent_dim=latent, guide=LiteralMVNDiag(latent))
+    return VAE(input_dim, latent_dim=latent, guide=guide)
+
+
+def run_setting(x_train, batch, latent, guide, contenders, rounds, chunk, warmup) -> dict:
+    n = x_train.shape[0]
+    batches = EpochBatches(x_train, batch_size=batch, seed=0, binarize="dynamic")
+    pool = []
+    for epoch in range(10**6):
+        pool += [b.x for b in batches.batches(epoch)]
+        if len(pool) >= (rounds * chunk + warmup):
+            break
+    reference = build(latent, guide, x_train.shape[1])
+    rng = torch.get_rng_state()
+    racers = []
+    for name in contenders:
+        vae = build(latent, guide, x_train.shape[1], literal=name == "d")
+        vae.load_state_dict(reference.state_dict())
+        maker = {
+            "a": lambda v: make_pyro_step(v, n, out_of_the_box=False),
+            "b": lambda v: make_torch_step(v, n, fused=False),
+            "c": lambda v: make_torch_step(v, n, fused=True),
+            "d": lambda v: make_pyro_step(v, n, out_of_the_box=True),
+        }[name]
+        racers.append(Contender(name, vae, maker(vae), rng))
+    for racer in racers:
+        racer.run(pool[:warmup])
+        racer.times.clear()
+    for r in range(rounds):
+        order = racers[r % len(racers) :] + racers[: r % len(racers)]
+        for racer in order:
+            racer.run(pool[warmup + r * chunk : warmup + (r + 1) * chunk])
+    params = sum(p.numel() for p in reference.parameters())
+    return {"racers": {c.name: c for c in racers}, "params": params}
+
+
+def summary(racer: Contender) -> tuple[float, float, float]:
+    flat = sorted(t for chunk in racer.times for t in chunk)
+    q = statistics.quantiles(flat, n=4)
+    return statistics.median(flat), q[0], q[2]
+
+
+def paired(num: Contender, den: Contender) -> float:
+    ratios = [statistics.median(a) / statistics.median(b) for a, b in zip(num.times, den.times, strict=True)]
+    return statistics.median(ratios)
+
+
+def peak_rss_over_floor(steps: int) -> tuple[float, float]:
+    """Peak RSS (MiB) of a fresh process after ``import torch``, and after training ``steps`` steps of contender a."""
+    floor = "import resource, torch; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    train = (
+        "import resource, sys, torch\n"
+        "from pyro_vae.config import DataConfig, RunConfig, TrainConfig\n"
+        "from pyro_vae.data import load_dataset\n"
+        "from pyro_vae.model import VAE\n"
+        "from pyro_vae.train import fit\n"
+        f"cfg = RunConfig(train=TrainConfig(epochs=100, max_steps={steps}, progress=False))\n"
+        "data = load_dataset(DataConfig())\n"
+        "fit(VAE.from_config(cfg.model, data.input_dim), data, cfg)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    values = []
+    for code in (floor, train):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        values.append(int(out.split()[-1]) / 1024)
+    return values[0], values[1]
+
+
+def help_time(repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pyro_vae", "--help"], capture_output=True, check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (CI): numbers are not meaningful")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--chunk", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds, chunk, warmup = (2, 2, 1) if args.quick else (args.rounds, args.chunk, 10)
+    data = load_dataset(DataConfig(dataset="embedded"))
+    x = data.x_train
+    rate = matmul_rate(0.2 if args.quick else 2.0)
+    print(
+        f"# train_speed on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, pyro {pyro.__version__}; matmul rate {rate / 1e9:.1f} GFLOP/s"
+    )
+    print(f"# {rounds} rounds × {chunk} steps per contender, rotating order; times in ms per step")
+
+    settings = [(128, 16, "mvn_diag", "abcd")]
+    if not args.quick:
+        settings += [(512, 16, "mvn_diag", "abcd"), (2048, 16, "mvn_diag", "abcd")]
+        settings += [(128, 2, "mvn_diag", "abcd"), (128, 50, "mvn_diag", "abcd")]
+    header = "| B | L | guide | a ms (IQR) | b ms | c ms | d ms | a/b | a/c | d/a | FLOP-bound a |"
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for batch, latent, guide, who in settings:
+        result = run_setting(x, batch, latent, guide, who, rounds, chunk, warmup)
+        r = result["racers"]
+        med = {k: summary(v) for k, v in r.items()}
+        flop_time = 6 * result["params"] * batch / rate
+        ms = {k: [v * 1e3 for v in m] for k, m in med.items()}
+        print(
+            f"| {batch} | {latent} | {guide} | {ms['a'][0]:.2f} ({ms['a'][1]:.2f}–{ms['a'][2]:.2f})"
+            f" | {ms['b'][0]:.2f} | {ms['c'][0]:.2f} | {ms['d'][0]:.2f}"
+            f" | {paired(r['a'], r['b']):.3f} | {paired(r['a'], r['c']):.3f} | {paired(r['d'], r['a']):.3f}"
+            f" | {flop_time / med['a'][0]:.0%} |"
+        )
+        if batch == 128 and latent == 16:
+            first = abs(r["a"].losses[0] - r["d"].losses[0])
+            print(f"#   same weights, data and noise: |loss_a - loss_d| at step 1 = {first:.2e} nats per image")
+
+    floor, peak = peak_rss_over_floor(20 if args.quick else 300)
+    print(f"\npeak RSS: import torch {floor:.0f} MiB, training {peak:.0f} MiB, over the floor {peak - floor:.0f} MiB")
+    print(f"pyro-vae --help: {help_time(3 if args.quick else 11) * 1e3:.0f} ms (median, whole process)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
