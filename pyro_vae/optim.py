@@ -4,24 +4,109 @@ Pyro's stock ``PyroOptim`` builds one torch optimiser per parameter tensor: a Py
 multi-tensor kernels. :class:`SingleOptimizer` builds ONE optimiser (AdamW by default, ``fused=True`` where the
 platform has the kernel) over every parameter :class:`~pyro.infer.SVI` hands it, so ``SVI.step`` updates all
 parameters in a single kernel launch. It also sees every gradient before the step, which is where the gradient
-norm is measured, clipped, and checked for NaN or infinity (a non-finite gradient means no step).
+norm is measured, clipped, and checked for NaN or infinity.
+
+The non-finite guard: a NaN or an infinity in the loss or in any gradient means **no step**. The parameters and the
+optimiser state stay exactly as they were before the bad batch. By default the optimiser raises
+:class:`~pyro_vae.errors.NonFiniteLossError` naming the parameter (for a gradient) or the Pyro sample site (for the
+loss) involved; ``on_nonfinite="skip"`` skips such batches instead, at most ``max_skips`` times. Pyro's ``SVI.step``
+hands the optimiser only the parameters, so :class:`GuardedSVI` (a plain :class:`~pyro.infer.SVI` whose
+``loss_and_grads`` passes through :meth:`SingleOptimizer.guard`) shows it the loss too; Pyro itself steps on any
+loss, and warns only for NaN.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
+import pyro
 import torch
+from pyro import poutine
+from pyro.infer import SVI
 from pyro.optim import PyroOptim
 
-from pyro_vae.errors import NonFiniteLossError
+from pyro_vae.errors import ConfigError, NonFiniteLossError, unknown_choice
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SingleOptimizer", "adamw"]
+__all__ = ["NON_FINITE_POLICIES", "GuardedSVI", "NonFiniteStep", "SingleOptimizer", "adamw", "nonfinite_sites"]
+
+#: What the guard does with a non-finite loss or gradient: raise (the default) or skip the batch.
+NON_FINITE_POLICIES = ("raise", "skip")
+
+
+class NonFiniteStep(NamedTuple):
+    """A step the guard refused.
+
+    :ivar str kind: ``"loss"`` or ``"gradient"``.
+    :ivar float loss: the loss of that step (NaN or ±inf for ``kind="loss"``).
+    :ivar tuple names: for a gradient, the parameters whose gradient is not finite; for the loss, the sample sites
+        whose value or log-density is not finite in a replay of the step (same inputs, same noise), in execution
+        order, e.g. ``("model site 'z' (log_prob -inf)",)``.
+    :ivar int optimizer_step: the number the refused step would have had (``steps + 1``).
+    """
+
+    kind: str
+    loss: float
+    names: tuple[str, ...]
+    optimizer_step: int
+
+    def describe(self) -> str:
+        """One line: what was not finite, and where."""
+        if self.kind == "gradient":
+            where = ", ".join(self.names[:5]) + (" …" if len(self.names) > 5 else "")
+            return f"non-finite gradient at optimiser step {self.optimizer_step} in {where}"
+        where = (
+            f"first at {self.names[0]}" + (f" (then {', '.join(self.names[1:4])})" if len(self.names) > 1 else "")
+            if self.names
+            else "no single sample site is non-finite in a replay of the step (the sum overflowed)"
+        )
+        return f"non-finite loss ({self.loss}) at optimiser step {self.optimizer_step}, {where}"
+
+
+def _finite(value: Any) -> bool:
+    return bool(torch.isfinite(value).all()) if isinstance(value, torch.Tensor) else math.isfinite(value)
+
+
+def nonfinite_sites(
+    model: Callable, guide: Callable, *args, rng_state: torch.Tensor | None = None, **kwargs
+) -> list[str]:
+    """Replay ``guide`` and ``model`` on the same inputs and name the sites that are not finite.
+
+    The guide is traced and the model replayed on its samples, as :class:`~pyro.infer.Trace_ELBO` does, under
+    :func:`torch.no_grad` and a forked RNG stream (so the caller's noise is not consumed). Given ``rng_state`` (the
+    CPU generator's state before the step) the replay draws the very noise of that step.
+
+    :returns: descriptions such as ``"guide param 'encoder.net.0.weight'"`` or ``"model site 'x' (log_prob nan)"``,
+        in execution order (the first one is the cause, the later ones usually its consequences).
+    """
+    found: list[str] = []
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+        if rng_state is not None:
+            torch.set_rng_state(rng_state)
+        try:
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        except (ValueError, RuntimeError) as err:
+            return [f"a replay of the step that failed itself ({type(err).__name__}: {str(err).splitlines()[0]})"]
+        for program, trace in (("guide", guide_trace), ("model", model_trace)):
+            for name, site in trace.nodes.items():
+                if site["type"] == "param" and not _finite(site["value"]):
+                    found.append(f"{program} param {name!r}")
+                elif site["type"] == "sample":
+                    if not _finite(site["value"]):
+                        found.append(f"{program} site {name!r} (value)")
+                        continue
+                    log_prob = site["fn"].log_prob(site["value"])
+                    if not _finite(log_prob):
+                        worst = log_prob[~torch.isfinite(log_prob)].flatten()[0].item()
+                        found.append(f"{program} site {name!r} (log_prob {worst})")
+    return found
 
 
 def _param_name(p: torch.Tensor) -> str:
@@ -55,8 +140,14 @@ class SingleOptimizer(PyroOptim):
     :param clip_norm: clip the total gradient 2-norm to this value (``None``: no clipping).
     :param fused: ``True`` forces the fused kernel, ``False`` forbids it, ``None`` (default) uses it where the
         devices support it and the optimiser accepts ``fused``.
+    :param str on_nonfinite: ``"raise"`` (default): a non-finite loss or gradient raises
+        :class:`~pyro_vae.errors.NonFiniteLossError`; ``"skip"``: the batch is skipped with a warning.
+    :param max_skips: with ``"skip"``, the most batches that may be skipped in total (``None``: no limit); the next
+        one raises.
 
-    After each step :attr:`grad_norm` holds the total gradient norm before clipping (a float).
+    Either way no step is taken on a non-finite loss or gradient, and parameters and optimiser state stay as they
+    were. After each step :attr:`grad_norm` holds the total gradient norm before clipping (a float);
+    :attr:`skipped` counts skipped batches and :attr:`last_nonfinite` describes the last refused step.
     """
 
     def __init__(
@@ -66,13 +157,24 @@ class SingleOptimizer(PyroOptim):
         *,
         clip_norm: float | None = None,
         fused: bool | None = None,
+        on_nonfinite: str = "raise",
+        max_skips: int | None = None,
     ):
         optim_args = dict(optim_args or {"lr": 1e-3})
         super().__init__(optim_constructor, optim_args)
         if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
             raise ValueError(f"clip_norm must be a positive finite number or None, got {clip_norm!r}")
+        if on_nonfinite not in NON_FINITE_POLICIES:
+            raise unknown_choice("non-finite policy", on_nonfinite, NON_FINITE_POLICIES)
+        if max_skips is not None and (isinstance(max_skips, bool) or not isinstance(max_skips, int) or max_skips < 0):
+            raise ConfigError(f"max_skips must be an integer >= 0 or None, got {max_skips!r}")
         self.clip_norm = clip_norm
         self.fused = fused
+        self.on_nonfinite = on_nonfinite
+        self.max_skips = max_skips
+        self.skipped = 0
+        self.last_nonfinite: NonFiniteStep | None = None
+        self._bad_loss: NonFiniteStep | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.params: list[torch.Tensor] = []
         self.param_names: list[str] = []
@@ -110,26 +212,47 @@ class SingleOptimizer(PyroOptim):
         else:
             self.optimizer.add_param_group({"params": tensors})
 
+    def guard(self, loss_and_grads: Callable) -> Callable:
+        """Wrap an ELBO's ``loss_and_grads(model, guide, *args, **kwargs)`` so that the loss it returns reaches this
+        optimiser's non-finite guard before the step. A non-finite loss is diagnosed at once, by replaying the step
+        with the same noise (:func:`nonfinite_sites`); a finite one costs a ``math.isfinite`` and an RNG-state copy.
+        """
+
+        @functools.wraps(loss_and_grads)
+        def guarded(model, guide, *args, **kwargs):
+            rng_state = torch.get_rng_state()  # about a microsecond; lets a bad step be replayed exactly
+            loss = loss_and_grads(model, guide, *args, **kwargs)
+            value = float(loss) if not isinstance(loss, tuple) else math.fsum(map(float, loss))
+            if not math.isfinite(value):
+                names = nonfinite_sites(model, guide, *args, rng_state=rng_state, **kwargs)
+                self._bad_loss = NonFiniteStep("loss", value, tuple(names), self.steps + 1)
+            return loss
+
+        return guarded
+
     def __call__(self, params: Iterable[torch.Tensor], *args, **kwargs) -> None:
-        """One optimiser step over ``params`` (the set SVI collected from the trace)."""
+        """One optimiser step over ``params`` (the set SVI collected from the trace), unless the loss or a gradient
+        is not finite."""
         self._adopt(params)
+        refused, self._bad_loss = self._bad_loss, None
         grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return
-        total = torch.nn.utils.get_total_norm(grads, foreach=True)
-        self.grad_norm = float(total)
-        if not math.isfinite(self.grad_norm):
-            bad = [
-                n
-                for n, p in zip(self.param_names, self.params, strict=True)
-                if p.grad is not None and not p.grad.isfinite().all()
-            ]
+        if refused is None and grads:
+            total = torch.nn.utils.get_total_norm(grads, foreach=True)
+            self.grad_norm = float(total)
+            if not math.isfinite(self.grad_norm):
+                bad = [
+                    n
+                    for n, p in zip(self.param_names, self.params, strict=True)
+                    if p.grad is not None and not p.grad.isfinite().all()
+                ]
+                refused = NonFiniteStep("gradient", float("nan"), tuple(bad), self.steps + 1)
+        if refused is not None:
             for p in self.params:
                 p.grad = None
-            raise NonFiniteLossError(
-                f"non-finite gradient at optimiser step {self.steps + 1} in {', '.join(bad[:5])}"
-                f"{' …' if len(bad) > 5 else ''}; no step was taken and the parameters are unchanged"
-            )
+            self._refuse(refused)
+            return
+        if not grads:
+            return
         if self.clip_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_norm, total, foreach=True)
         self.optimizer.step(*args, **kwargs)
@@ -139,19 +262,42 @@ class SingleOptimizer(PyroOptim):
         for p in self.params:
             p.grad = None
 
+    def _refuse(self, refused: NonFiniteStep) -> None:
+        self.last_nonfinite = refused
+        unchanged = "no step was taken and the parameters are unchanged"
+        if self.on_nonfinite == "skip" and (self.max_skips is None or self.skipped < self.max_skips):
+            self.skipped += 1
+            logger.warning("%s; %s (skipped %d so far)", refused.describe(), unchanged, self.skipped)
+            return
+        message = f"{refused.describe()}; {unchanged}"
+        if self.on_nonfinite == "skip":
+            message += f"; {self.skipped} batches were skipped already, the most max_skips={self.max_skips} allows"
+        error = NonFiniteLossError(message)
+        error.step = refused
+        raise error
+
     # --------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The optimiser state plus the parameter names it is keyed by and the step count (tensors and plain
-        Python values only, loadable with ``torch.load(weights_only=True)``)."""
+        """The optimiser state plus the parameter names it is keyed by, the step count, the number of skipped
+        batches and the last gradient norm (tensors and plain Python values only, loadable with
+        ``torch.load(weights_only=True)``)."""
         if self.optimizer is None:
             return dict(self._pending_state) if self._pending_state is not None else {}
-        return {"optimizer": self.optimizer.state_dict(), "param_names": list(self.param_names), "steps": self.steps}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "param_names": list(self.param_names),
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "grad_norm": self.grad_norm,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; applied at once, or at the first step if the optimiser is not built yet."""
         if not state:
             return
         self.steps = int(state.get("steps", 0))
+        self.skipped = int(state.get("skipped", 0))
+        self.grad_norm = float(state.get("grad_norm", float("nan")))
         if self.optimizer is None:
             self._pending_state = state
         else:
@@ -179,9 +325,43 @@ class SingleOptimizer(PyroOptim):
         raise NotImplementedError("use pyro_vae.checkpoint.load_checkpoint, which loads with weights_only=True")
 
 
-def adamw(lr: float = 1e-3, weight_decay: float = 0.0, *, clip_norm: float | None = None) -> SingleOptimizer:
+def adamw(
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    *,
+    clip_norm: float | None = None,
+    on_nonfinite: str = "raise",
+    max_skips: int | None = None,
+) -> SingleOptimizer:
     """A :class:`SingleOptimizer` over :class:`torch.optim.AdamW`, fused where supported.
 
     The default ``weight_decay=0`` keeps the objective the plain ELBO (torch's default of 0.01 would add a decay).
+    ``on_nonfinite`` and ``max_skips`` set the non-finite guard (see :class:`SingleOptimizer`).
     """
-    return SingleOptimizer(torch.optim.AdamW, {"lr": lr, "weight_decay": weight_decay}, clip_norm=clip_norm)
+    return SingleOptimizer(
+        torch.optim.AdamW,
+        {"lr": lr, "weight_decay": weight_decay},
+        clip_norm=clip_norm,
+        on_nonfinite=on_nonfinite,
+        max_skips=max_skips,
+    )
+
+
+class GuardedSVI(SVI):
+    """:class:`pyro.infer.SVI` whose loss, not only its gradients, reaches the optimiser's non-finite guard.
+
+    ``SVI.step`` is Pyro's own; only ``loss_and_grads`` is wrapped by :meth:`SingleOptimizer.guard`, so a NaN or
+    infinite loss means no step even when every gradient happens to be finite (a guide scale of 1e20 gives an
+    infinite loss with finite gradients).
+
+    :param model: the Pyro model.
+    :param guide: the Pyro guide.
+    :param SingleOptimizer optim: the optimiser whose guard sees the loss.
+    :param loss: a :class:`pyro.infer.ELBO` (or a loss callable, as :class:`~pyro.infer.SVI` accepts).
+    """
+
+    def __init__(self, model: Callable, guide: Callable, optim: SingleOptimizer, loss, **kwargs):
+        if not isinstance(optim, SingleOptimizer):
+            raise TypeError(f"GuardedSVI needs a SingleOptimizer, got {type(optim).__name__}")
+        super().__init__(model, guide, optim, loss, **kwargs)
+        self.loss_and_grads = optim.guard(self.loss_and_grads)
