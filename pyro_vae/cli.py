@@ -20,7 +20,21 @@ from pyro_vae.errors import ConfigError, PyroVAEError, unknown_choice
 
 #: Registered guide families. Kept here, free of torch imports, so that ``--help`` is fast; a test checks that it
 #: equals :func:`pyro_vae.guides.family_names`.
-GUIDE_CHOICES = ("diag_normal", "mvn_diag")
+GUIDE_CHOICES = (
+    "diag_normal",
+    "full_rank",
+    "householder",
+    "iaf",
+    "low_rank",
+    "mvn_diag",
+    "naf",
+    "planar",
+    "radial",
+    "spline",
+    "sylvester",
+    "sylvester_householder",
+    "sylvester_triangular",
+)
 #: Registered likelihoods (checked against :func:`pyro_vae.likelihoods.likelihood_names` by a test).
 LIKELIHOOD_CHOICES = ("bernoulli", "continuous_bernoulli")
 #: Registered objectives (checked against :func:`pyro_vae.objectives.objective_names` by a test).

@@ -1,7 +1,7 @@
 """Registry of guide families.
 
 ``make_family("mvn_diag", latent_dim=16)`` builds a family by name. A ``"name:K"`` spec sets the family's main
-size option (for example ``low_rank:4``). New families register with :func:`register`::
+size option (for example ``low_rank:4``, ``iaf:2``). New families register with :func:`register`::
 
     @register
     class MyFamily(GuideFamily):
@@ -15,9 +15,42 @@ import inspect
 
 from pyro_vae.errors import ConfigError, unknown_choice
 from pyro_vae.guides.base import GuideFamily
-from pyro_vae.guides.gaussian import DiagNormal, MVNDiag
+from pyro_vae.guides.flows import (
+    IAF,
+    NAF,
+    ConditionalFlowFamily,
+    FlowFamily,
+    HouseholderFlow,
+    PlanarFlow,
+    RadialFlow,
+    SplineFlow,
+)
+from pyro_vae.guides.gaussian import DiagNormal, FullRank, LowRank, MVNDiag
+from pyro_vae.guides.sylvester import HouseholderSylvester, OrthogonalSylvester, SylvesterFamily, TriangularSylvester
 
-__all__ = ["GuideFamily", "MVNDiag", "DiagNormal", "register", "make_family", "family_names", "parse_spec"]
+__all__ = [
+    "GuideFamily",
+    "MVNDiag",
+    "DiagNormal",
+    "FullRank",
+    "LowRank",
+    "FlowFamily",
+    "ConditionalFlowFamily",
+    "IAF",
+    "PlanarFlow",
+    "RadialFlow",
+    "HouseholderFlow",
+    "SplineFlow",
+    "NAF",
+    "SylvesterFamily",
+    "OrthogonalSylvester",
+    "HouseholderSylvester",
+    "TriangularSylvester",
+    "register",
+    "make_family",
+    "family_names",
+    "parse_spec",
+]
 
 _REGISTRY: dict[str, type[GuideFamily]] = {}
 
@@ -70,5 +103,19 @@ def make_family(name: str, latent_dim: int, **options) -> GuideFamily:
     return cls(latent_dim, **options)
 
 
-register(MVNDiag)
-register(DiagNormal)
+for _family in (
+    MVNDiag,
+    DiagNormal,
+    FullRank,
+    LowRank,
+    IAF,
+    PlanarFlow,
+    RadialFlow,
+    HouseholderFlow,
+    SplineFlow,
+    NAF,
+    OrthogonalSylvester,
+    HouseholderSylvester,
+    TriangularSylvester,
+):
+    register(_family)

@@ -153,3 +153,146 @@ class DiagNormal(_DiagonalFamily):
     def forward(self, raw: torch.Tensor, context: torch.Tensor | None = None) -> dist.TorchDistribution:
         loc, scale = self.split(raw)
         return dist.Normal(loc, scale).to_event(1)  # batch (B,), event (L,)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Correlated Gaussians: full_rank and low_rank. Both keep the seed's layout for their first 2 L numbers (loc, then
+# the raw scale through softplus + eps), so a family whose extra numbers are zero is exactly mvn_diag.
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ConfigError(f"eps must be > 0 so the scale stays positive when softplus underflows, got {eps!r}")
+    return float(eps)
+
+
+class FullRankParams(NamedTuple):
+    """Mean ``(B, L)`` and lower-triangular Cholesky factor of the covariance ``(B, L, L)``."""
+
+    loc: torch.Tensor
+    scale_tril: torch.Tensor
+
+
+class FullRank(GuideFamily):
+    r"""A full-covariance Gaussian, parameterised by its Cholesky factor.
+
+    The encoder emits :math:`L + L(L+1)/2` numbers per data point::
+
+        raw = [ loc (L) | raw_diag (L) | strictly-lower entries (L(L-1)/2, row-major: (1,0), (2,0), (2,1), ...) ]
+        scale_tril = diag(softplus(raw_diag) + eps) + strictly_lower(entries)            # (B, L, L)
+        q = MultivariateNormal(loc, scale_tril=scale_tril)
+
+    so that :math:`\Sigma = L L^\top` with :math:`L_{ii} > 0`: every covariance matrix has exactly one such
+    factor, and the family never forms a covariance to take its Cholesky decomposition (which costs
+    :math:`O(L^3)` and fails when rounding makes the matrix indefinite). ``rsample`` is
+    ``loc + scale_tril @ noise`` and ``log_prob`` one triangular solve. With the off-diagonal entries at zero this
+    is ``mvn_diag``.
+
+    Numerical range: ``log_prob`` of the family's own samples is finite for every raw value in [-200, 200] at small
+    L, but the distribution itself can be numerically singular. With every raw number at -50 or -200 the
+    diagonal sits at the floor ``eps`` while the off-diagonal entries are 50 or 200, so each row of ``scale_tril``
+    has a condition number above ``1 / finfo(float32).eps``; from L = 4 on, the float32 rounding of a sample lies
+    many standard deviations off the distribution's thin directions and ``log_prob`` is astronomically negative
+    (``-inf`` from L = 8). This is a property of the covariance such raw values denote, not of the arithmetic:
+    float64 gives the same orders of magnitude.
+
+    :param int latent_dim: L.
+    :param float eps: floor added to the softplus of the diagonal; must be > 0 (default 1e-5).
+    """
+
+    name = "full_rank"
+
+    def __init__(self, latent_dim: int, eps: float = 1e-5):
+        super().__init__(latent_dim)
+        self.eps = _check_eps(eps)
+        rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
+        # positions of the strictly-lower entries in a row-major flattened (L, L) matrix
+        self.register_buffer("_strict_lower", rows * latent_dim + cols, persistent=False)
+
+    @property
+    def num_params(self) -> int:
+        L = self.latent_dim
+        return L + L * (L + 1) // 2
+
+    def split(self, raw: torch.Tensor) -> FullRankParams:
+        self._check_raw(raw)
+        L = self.latent_dim
+        loc, raw_diag, off = raw[..., :L], raw[..., L : 2 * L], raw[..., 2 * L :]  # (B, L), (B, L), (B, L(L-1)/2)
+        flat = raw.new_zeros(raw.shape[:-1] + (L * L,)).index_copy(-1, self._strict_lower, off)  # (B, L*L)
+        scale_tril = flat.unflatten(-1, (L, L)) + torch.diag_embed(F.softplus(raw_diag) + self.eps)  # (B, L, L)
+        return FullRankParams(loc, scale_tril)
+
+    def forward(self, raw: torch.Tensor, context: torch.Tensor | None = None) -> dist.MultivariateNormal:
+        loc, scale_tril = self.split(raw)
+        return dist.MultivariateNormal(loc, scale_tril=scale_tril)  # batch (B,), event (L,)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, eps={self.eps}"
+
+
+class LowRankParams(NamedTuple):
+    """Mean ``(B, L)``, covariance factor ``(B, L, r)`` and diagonal variances ``(B, L)``:
+    :math:`\\Sigma = W W^\\top + \\operatorname{diag}(d)`."""
+
+    loc: torch.Tensor
+    cov_factor: torch.Tensor
+    cov_diag: torch.Tensor
+
+
+class LowRank(GuideFamily):
+    r"""A Gaussian whose covariance is diagonal plus rank r.
+
+    The encoder emits :math:`2L + L r` numbers per data point::
+
+        raw = [ loc (L) | raw_scale (L) | V (L·r, row-major L×r) ]
+        s = softplus(raw_scale) + eps                                   # (B, L)
+        q = LowRankMultivariateNormal(loc, cov_factor=s[..., None] * V, cov_diag=s**2)
+
+    i.e. :math:`\Sigma = S (I + V V^\top) S` with :math:`S = \operatorname{diag}(s)`. This reaches every
+    "diagonal plus rank r" covariance :math:`D + W W^\top` (take :math:`s = \sqrt{D}`, :math:`V = S^{-1} W`), but the
+    factor is measured in units of each dimension's own scale. Why: ``LowRankMultivariateNormal`` scores a point
+    through the Cholesky factor of the capacitance :math:`I + W^\top D^{-1} W`, which here is :math:`I + V^\top V`,
+    independent of the scale floor. With an absolute factor, raw outputs of -200 (scale at the floor 1e-5, factor
+    entries 200) give a capacitance near :math:`10^{15}` whose float32 Cholesky fails. With zero V this is
+    ``mvn_diag``. Sampling costs :math:`O(L r)` per point and ``log_prob`` :math:`O(L r^2 + r^3)`.
+
+    :param int latent_dim: L.
+    :param rank: r, the number of factor columns, 1 ≤ r ≤ L. Default :math:`\max(1, \mathrm{round}(\sqrt{L}))`
+        (4 for L = 16): it keeps the extra width :math:`L r` at about :math:`L^{3/2}`, between the diagonal
+        family's 2L and the full-rank family's :math:`L^2/2`.
+    :param float eps: floor added to the softplus of the scale; must be > 0 (default 1e-5).
+
+    ``low_rank:4`` sets ``rank=4``.
+    """
+
+    name = "low_rank"
+    spec_option = "rank"
+
+    def __init__(self, latent_dim: int, rank: int | None = None, eps: float = 1e-5):
+        super().__init__(latent_dim)
+        if rank is None:
+            rank = max(1, round(latent_dim**0.5))
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= latent_dim:
+            raise ConfigError(
+                f"low_rank's rank must be an integer from 1 to latent_dim={latent_dim}, got {rank!r}; "
+                f"for a full covariance use full_rank"
+            )
+        self.rank = rank
+        self.eps = _check_eps(eps)
+
+    @property
+    def num_params(self) -> int:
+        return self.latent_dim * (2 + self.rank)
+
+    def split(self, raw: torch.Tensor) -> LowRankParams:
+        self._check_raw(raw)
+        L = self.latent_dim
+        loc, raw_scale, v = raw[..., :L], raw[..., L : 2 * L], raw[..., 2 * L :]  # (B, L), (B, L), (B, L*r)
+        scale = F.softplus(raw_scale) + self.eps  # (B, L)
+        cov_factor = scale.unsqueeze(-1) * v.unflatten(-1, (L, self.rank))  # (B, L, r)
+        return LowRankParams(loc, cov_factor, scale.square())
+
+    def forward(self, raw: torch.Tensor, context: torch.Tensor | None = None) -> dist.LowRankMultivariateNormal:
+        loc, cov_factor, cov_diag = self.split(raw)
+        return dist.LowRankMultivariateNormal(loc, cov_factor, cov_diag)  # batch (B,), event (L,)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, eps={self.eps}"
