@@ -98,6 +98,7 @@ class VAE(nn.Module):
         self.encoder = Encoder(input_dim, hidden_dims, family.num_params, activation)
         self.decoder = Decoder(latent_dim, tuple(reversed(tuple(hidden_dims))), self.likelihood.output_dim(input_dim))
         self._arange_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._prior_cache: dict[tuple, dist.TorchDistribution] = {}
         self._param_cache: dict[str, list[tuple[str, torch.Tensor]]] = {}
 
     @classmethod
@@ -132,6 +133,7 @@ class VAE(nn.Module):
     def _apply(self, fn, recurse=True):
         self._param_cache = {}
         self._arange_cache = {}
+        self._prior_cache = {}
         return super()._apply(fn, recurse)
 
     def _plate(self, x: torch.Tensor, num_data: int | None, index: torch.Tensor | None) -> pyro.plate:
@@ -142,6 +144,15 @@ class VAE(nn.Module):
             if index is None:
                 index = self._arange_cache[key] = torch.arange(batch, device=x.device)
         return pyro.plate("data", size=num_data if num_data is not None else batch, subsample=index)
+
+    def _prior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """N(0, I) over ``(B, L)``; cached per batch size, device and dtype (distributions are immutable)."""
+        key = (x.shape[0], x.device, x.dtype)
+        prior = self._prior_cache.get(key)
+        if prior is None:
+            zero, one = x.new_zeros(()), x.new_ones(())
+            prior = self._prior_cache[key] = dist.Normal(zero, one).expand([x.shape[0], self.latent_dim]).to_event(1)
+        return prior
 
     def model(self, x: torch.Tensor, num_data: int | None = None, index: torch.Tensor | None = None) -> None:
         """The generative model p(z) p(x | z) for a minibatch.
@@ -154,7 +165,7 @@ class VAE(nn.Module):
         for name, p in self._param_sites("model"):
             _announce_param(name, p, constraint=constraints.real, event_dim=None, name=name)
         with self._plate(x, num_data, index):
-            prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([x.shape[0], self.latent_dim]).to_event(1)
+            prior = self._prior(x)
             z = pyro.sample("z", prior)  # (B, L), or (P, B, L) with vectorised particles
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
