@@ -46,6 +46,7 @@ _announce_param = effectful(_own_value, type="param")
 # Which submodules' parameters each Pyro program announces: the model owns the decoder and the likelihood, the
 # guide the encoder and the family.
 _PARAM_GROUPS = {"model": ("decoder", "likelihood"), "guide": ("encoder", "family")}
+_ROUTABLE = ("encoder", "decoder", "family", "likelihood")
 
 
 class VAE(nn.Module):
@@ -99,6 +100,7 @@ class VAE(nn.Module):
         self.decoder = Decoder(latent_dim, tuple(reversed(tuple(hidden_dims))), self.likelihood.output_dim(input_dim))
         self._arange_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._prior_cache: dict[tuple, dist.TorchDistribution] = {}
+        self._routes: dict[str, nn.Module] = {}
         self._param_cache: dict[str, list[tuple[str, torch.Tensor]]] = {}
 
     @classmethod
@@ -167,7 +169,7 @@ class VAE(nn.Module):
         with self._plate(x, num_data, index):
             prior = self._prior(x)
             z = pyro.sample("z", prior)  # (B, L), or (P, B, L) with vectorised particles
-            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+            pyro.sample("x", self._run("likelihood")(self._run("decoder")(z)), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None, index: torch.Tensor | None = None) -> None:
         """The amortised guide q(z | x): ``family(encoder(x))``. Takes the same arguments as :meth:`model`."""
@@ -178,11 +180,32 @@ class VAE(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------
     # Plain-torch helpers (no Pyro effects)
+    def _run(self, name: str):
+        """The callable that runs submodule ``name``: the module itself, or the wrapper set by :meth:`route`."""
+        wrapper = self._routes.get(name)
+        return getattr(self, name) if wrapper is None else wrapper
+
+    def route(self, **wrappers) -> None:
+        """Run the forward passes of submodules through wrappers, e.g.
+        ``vae.route(encoder=DistributedDataParallel(vae.encoder))``.
+
+        The wrappers are not submodules: ``state_dict`` and ``parameters()`` are unchanged, so checkpoints stay
+        the same with and without them. Pass ``name=None`` to remove a route.
+        """
+        for name, wrapper in wrappers.items():
+            if name not in _ROUTABLE:
+                raise ValueError(f"cannot route {name!r}; routable submodules are {', '.join(_ROUTABLE)}")
+            if wrapper is None:
+                self._routes.pop(name, None)
+            else:
+                self._routes[name] = wrapper
+
     def _posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        family = self._run("family")
         if self.family.uses_context:
-            features = self.encoder.features(x)  # (B, H)
-            return self.family(self.encoder.head(features), context=features)
-        return self.family(self.encoder(x))
+            raw, features = self._run("encoder")(x, with_features=True)  # (B, num_params), (B, H)
+            return family(raw, context=features)
+        return family(self._run("encoder")(x))
 
     def encode(self, x: torch.Tensor) -> dist.TorchDistribution:
         """q(z | x) for a batch ``(B, D)``: batch_shape ``(B,)``, event_shape ``(L,)``."""

@@ -65,8 +65,15 @@ class Encoder(nn.Module):
         """Last hidden layer, ``(B, hidden_dims[-1])``."""
         return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))  # (B, num_params)
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        """Raw output ``(B, num_params)``; with ``with_features``, also the last hidden layer ``(B, H)``.
+
+        The features come out of ``forward`` (rather than a second method) so that wrappers such as
+        ``DistributedDataParallel``, which intercept ``forward`` only, see every use of the parameters.
+        """
+        features = self.body(x)  # (B, H)
+        raw = self.head(features)  # (B, num_params)
+        return (raw, features) if with_features else raw
 
 
 class Decoder(nn.Module):
