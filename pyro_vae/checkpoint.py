@@ -65,8 +65,10 @@ _TMP_PREFIX = ".tmp-"
 _SIDECAR = ".sha256"
 #: Errors that mean "the device is full" (or a quota or file-size limit was hit): the fix is the same.
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-#: Leaf types that ``torch.load(weights_only=True)`` reconstructs without running code.
-_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device)
+#: Leaf types that ``torch.load(weights_only=True)`` reconstructs without running code. Exact types for the
+#: Python scalars: a ``str`` subclass such as ``torch.__version__`` (a ``TorchVersion``) is pickled as its class.
+_PLAIN_EXACT = (str, int, float, bool, type(None))
+_PLAIN_SUBCLASSES = (torch.Tensor, torch.dtype, torch.device, torch.Size)
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -157,15 +159,15 @@ def atomic_write_bytes(path: str | os.PathLike, write: Callable[[IO[bytes]], Any
 
 def _check_plain(value: Any, where: str) -> None:
     """Refuse anything that ``torch.load(weights_only=True)`` could not read back."""
-    if isinstance(value, (dict, OrderedDict)):
+    if type(value) in (dict, OrderedDict):
         for key, item in value.items():
-            if not isinstance(key, (str, int)):
+            if type(key) not in (str, int):
                 raise CheckpointError(f"checkpoint key {key!r} at {where or 'top level'} is not a str or int")
             _check_plain(item, f"{where}.{key}" if where else str(key))
-    elif isinstance(value, (list, tuple)):
+    elif type(value) in (list, tuple, torch.Size):
         for i, item in enumerate(value):
             _check_plain(item, f"{where}[{i}]")
-    elif not isinstance(value, _PLAIN):
+    elif type(value) not in _PLAIN_EXACT and not isinstance(value, _PLAIN_SUBCLASSES):
         raise CheckpointError(
             f"checkpoint value at {where or 'top level'} is a {type(value).__name__}; only tensors and plain Python "
             "values (dict, list, str, int, float, bool, None) load with weights_only=True"

@@ -19,6 +19,8 @@ from pyro_vae.errors import ConfigError, unknown_choice
 DATASETS = ("embedded", "fashion-mnist", "mnist", "npz")
 BINARIZATIONS = ("dynamic", "static", "threshold", "none")
 DEVICES = ("auto", "cpu", "cuda")
+#: What training does on a non-finite loss or gradient (see :class:`pyro_vae.optim.SingleOptimizer`).
+NONFINITE_POLICIES = ("raise", "skip")
 ACTIVATIONS = ("silu", "relu", "gelu", "tanh", "softplus")
 
 #: Default directory of Debian's ``dataset-fashion-mnist`` package.
@@ -138,6 +140,13 @@ class TrainConfig:
     :param max_steps: stop after this many optimiser steps in total (``None``: run all epochs).
     :param threads: torch intra-op threads (``None``: leave torch's default). Recorded for reproducibility.
     :param progress: show a tqdm bar; ``None`` shows it only on a terminal.
+    :param checkpoint_every: also write a checkpoint every this many steps (``None``: only at the end of each epoch,
+        at the end of training and on SIGINT/SIGTERM). Costs one serialisation and fsync per checkpoint.
+    :param int keep_last: checkpoints kept in the run directory, newest first: ``last.pt``, ``last.prev.pt``, ...
+        The default 2 keeps one good file even if the newest is damaged.
+    :param str on_nonfinite: ``raise`` (default) stops on a NaN or infinite loss or gradient, naming the step and the
+        site; ``skip`` skips such batches (no step either way).
+    :param int max_skips: with ``on_nonfinite="skip"``, the most batches skipped in a run before it stops anyway.
     """
 
     epochs: int = 20
@@ -152,6 +161,10 @@ class TrainConfig:
     max_steps: int | None = None
     threads: int | None = None
     progress: bool | None = None
+    checkpoint_every: int | None = None
+    keep_last: int = 2
+    on_nonfinite: str = "raise"
+    max_skips: int = 10
 
     def __post_init__(self):
         _positive_int("epochs", self.epochs)
@@ -170,6 +183,11 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _positive_int("max_steps", self.max_steps, allow_none=True)
         _positive_int("threads", self.threads, allow_none=True)
+        _positive_int("checkpoint_every", self.checkpoint_every, allow_none=True)
+        _positive_int("keep_last", self.keep_last)
+        _choice("non-finite policy", self.on_nonfinite, NONFINITE_POLICIES)
+        if isinstance(self.max_skips, bool) or not isinstance(self.max_skips, int) or self.max_skips < 0:
+            raise ConfigError(f"max_skips must be an integer >= 0, got {self.max_skips!r}")
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,12 @@ from pyro import poutine
 from pyro.infer import SVI
 from pyro.optim import PyroOptim
 
+from pyro_vae.config import NONFINITE_POLICIES
 from pyro_vae.errors import ConfigError, NonFiniteLossError, unknown_choice
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NON_FINITE_POLICIES", "GuardedSVI", "NonFiniteStep", "SingleOptimizer", "adamw", "nonfinite_sites"]
-
-#: What the guard does with a non-finite loss or gradient: raise (the default) or skip the batch.
-NON_FINITE_POLICIES = ("raise", "skip")
+__all__ = ["GuardedSVI", "NonFiniteStep", "SingleOptimizer", "adamw", "nonfinite_sites"]
 
 
 class NonFiniteStep(NamedTuple):
@@ -164,8 +162,8 @@ class SingleOptimizer(PyroOptim):
         super().__init__(optim_constructor, optim_args)
         if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
             raise ValueError(f"clip_norm must be a positive finite number or None, got {clip_norm!r}")
-        if on_nonfinite not in NON_FINITE_POLICIES:
-            raise unknown_choice("non-finite policy", on_nonfinite, NON_FINITE_POLICIES)
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise unknown_choice("non-finite policy", on_nonfinite, NONFINITE_POLICIES)
         if max_skips is not None and (isinstance(max_skips, bool) or not isinstance(max_skips, int) or max_skips < 0):
             raise ConfigError(f"max_skips must be an integer >= 0 or None, got {max_skips!r}")
         self.clip_norm = clip_norm
