@@ -1,0 +1,163 @@
+"""Several processes (and GPUs) through PyTorch's own stack: ``torchrun`` + ``torch.distributed`` +
+:class:`~torch.nn.parallel.DistributedDataParallel`. Nothing here communicates by hand.
+
+How a Pyro SVI step becomes data-parallel:
+
+* each process reads its place from torchrun's environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``) and joins a
+  process group (``nccl`` with one GPU per local rank, ``gloo`` on CPU);
+* :func:`wrap` puts every submodule of the VAE that has trainable parameters (encoder, decoder, and a flow family's
+  networks) inside its own ``DistributedDataParallel`` and *routes* the VAE's forward passes through it
+  (:meth:`pyro_vae.model.VAE.route`). ``vae.model`` and ``vae.guide`` therefore call the DDP modules, and the
+  ``backward()`` that :class:`~pyro.infer.Trace_ELBO` runs inside ``SVI.step`` fires DDP's gradient hooks, which
+  all-reduce (average) each gradient bucket across processes while backward is still running. The optimiser then
+  sees averaged gradients; its step is identical on every rank, so the replicas stay equal;
+* each rank's minibatch is a shard of a permutation that is a pure function of (seed, epoch)
+  (:class:`pyro_vae.data.EpochBatches` with ``rank`` and ``world_size``), and its ELBO uses
+  ``pyro.plate(size=N_global, subsample=local indices)``: every rank's loss is an unbiased estimate of the full-data
+  ELBO, so the average of their gradients is too, with the variance of a global batch of ``world_size × B``;
+* every rank draws the guide's noise from its own stream (:func:`noise_seed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from pyro_vae.data import derive_seed
+from pyro_vae.errors import ConfigError
+from pyro_vae.evaluation import MeanSE
+from pyro_vae.model import VAE
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+class DistributedContext(NamedTuple):
+    """Where this process stands in a torchrun job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    backend: str
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process (rank 0) writes metrics, figures and checkpoints."""
+        return self.rank == 0
+
+
+def _env_int(name: str, env) -> int:
+    value = env.get(name)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer; launch with torchrun") from None
+
+
+def context_from_env(device: str = "auto", backend: str = "auto", env=None) -> DistributedContext | None:
+    """Read torchrun's environment. Returns ``None`` when the process was not launched by torchrun.
+
+    :param str device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+    :param str backend: ``auto`` (``nccl`` on CUDA, ``gloo`` on CPU), ``gloo`` or ``nccl``.
+    :param env: the environment mapping (default ``os.environ``).
+    """
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" not in env and "RANK" not in env:
+        return None
+    world_size = _env_int("WORLD_SIZE", env)
+    rank = _env_int("RANK", env)
+    local_rank = _env_int("LOCAL_RANK", env) if "LOCAL_RANK" in env else rank
+    if world_size < 1:
+        raise ConfigError(f"WORLD_SIZE must be >= 1, got {world_size}; launch with torchrun --nproc_per_node N")
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"RANK={rank} is outside 0..{world_size - 1} (WORLD_SIZE={world_size})")
+    if local_rank < 0:
+        raise ConfigError(f"LOCAL_RANK must be >= 0, got {local_rank}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown distributed backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise ConfigError(
+            f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
+            "use --nproc_per_node <= the number of GPUs"
+        )
+    chosen = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if chosen == "nccl" and not use_cuda:
+        raise ConfigError("the nccl backend needs CUDA devices; use --dist-backend gloo (or auto) on CPU")
+    if chosen == "nccl" and not dist.is_nccl_available():
+        raise ConfigError("this torch build has no NCCL; use --dist-backend gloo")
+    target = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistributedContext(rank, local_rank, world_size, chosen, target)
+
+
+def init(ctx: DistributedContext) -> None:
+    """Join the process group described by ``ctx`` (idempotent)."""
+    if dist.is_initialized():
+        return
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
+    dist.init_process_group(backend=ctx.backend, rank=ctx.rank, world_size=ctx.world_size)
+    logger.info("rank %d of %d joined the %s process group on %s", ctx.rank, ctx.world_size, ctx.backend, ctx.device)
+
+
+def shutdown() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(vae: VAE, ctx: DistributedContext) -> VAE:
+    """Route the forward passes of every submodule with trainable parameters through its own
+    ``DistributedDataParallel``, so that the backward inside ``SVI.step`` averages gradients across ranks.
+
+    DDP broadcasts rank 0's parameters at construction, so every replica starts from the same weights.
+    """
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    for name in ("encoder", "decoder", "family", "likelihood"):
+        module = getattr(vae, name)
+        if any(p.requires_grad for p in module.parameters()):
+            vae.route(**{name: DistributedDataParallel(module, device_ids=device_ids)})
+    return vae
+
+
+def noise_seed(seed: int, rank: int) -> int:
+    """Seed of rank ``rank``'s noise stream: distinct per rank, a pure function of (seed, rank)."""
+    return derive_seed("noise", seed, rank)
+
+
+def reduce_mean_se(values: torch.Tensor) -> MeanSE:
+    """Mean and standard error over the union of every rank's ``values`` (e.g. per-image test ELBOs).
+
+    Sums, sums of squares and counts are all-reduced in float64; the standard error is the sample standard
+    deviation over √n.
+    """
+    values = values.detach().double().flatten()
+    stats = torch.stack([values.sum(), values.square().sum(), values.new_tensor(values.numel())])
+    if dist.is_initialized():
+        stats = stats.to(_comm_device())
+        dist.all_reduce(stats)
+        stats = stats.cpu()
+    total, total_sq, n = stats.tolist()
+    mean = total / n
+    var = max(total_sq - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")
+    return MeanSE(mean, math.sqrt(var / n) if n > 1 else float("nan"))
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op outside a process group)."""
+    if dist.is_initialized():
+        dist.barrier()

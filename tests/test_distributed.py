@@ -1,0 +1,120 @@
+"""Data parallelism through torchrun + gloo + DistributedDataParallel, on 2 CPU processes."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pyro_vae.distributed import context_from_env, reduce_mean_se
+from pyro_vae.errors import ConfigError
+
+# A worker that takes ONE SVI step on its shard and saves the parameters. The guide's noise is fixed per example
+# (a test family reads it from a table indexed by the example's global position), so a 2-process step over
+# B/2 + B/2 examples and a 1-process step over the same B examples see exactly the same noise.
+WORKER = textwrap.dedent(
+    """
+    import os, sys, pyro, torch
+    import pyro.distributions as dist
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro_vae.distributed import context_from_env, init, shutdown, wrap
+    from pyro_vae.guides.gaussian import MVNDiag
+    from pyro_vae.model import VAE
+    from pyro_vae.optim import SingleOptimizer
+
+    class FixedNoise(dist.Normal):
+        noise = None  # (B, L), set per step by the harness
+        def rsample(self, sample_shape=torch.Size()):
+            return self.loc + self.scale * FixedNoise.noise
+
+    class FixedNoiseFamily(MVNDiag):
+        def forward(self, raw, context=None):
+            loc, scale = self.split(raw)
+            return FixedNoise(loc, scale).to_event(1)
+
+    torch.set_num_threads(1)
+    ctx = context_from_env("cpu")
+    world, rank = (ctx.world_size, ctx.rank) if ctx else (1, 0)
+    if ctx:
+        init(ctx)
+    N, D, L, B = 64, 12, 3, 16
+    g = torch.Generator().manual_seed(0)
+    data = torch.bernoulli(torch.full((N, D), 0.4), generator=g)
+    noise = torch.randn(N, L, generator=g)
+    batch = torch.arange(B)                      # the same B examples in both runs
+    local = batch[rank::world]                   # this rank's share (B / world of them)
+    torch.manual_seed(1 + rank)                  # different weights per rank: DDP must broadcast rank 0's
+    vae = VAE(D, latent_dim=L, hidden_dims=(8, 4), guide=FixedNoiseFamily(L))
+    if ctx:
+        wrap(vae, ctx)
+    FixedNoise.noise = noise[local]
+    svi = SVI(vae.model, vae.guide, SingleOptimizer(torch.optim.SGD, {"lr": 0.01}), Trace_ELBO())
+    svi.step(data[local], N, local)
+    if rank == 0:
+        torch.save(vae.state_dict(), sys.argv[1])
+    if ctx:
+        shutdown()
+    """
+)
+
+
+def run_worker(tmp_path, nproc, out):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, str(script), str(out)]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(script),
+            str(out),
+        ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.slow
+def test_two_process_step_equals_one_process_step_on_the_same_examples(tmp_path):
+    """Each rank's loss is scaled by N / (B/2) and DDP averages the two gradients; the result is the gradient of
+    the 1-process loss scaled by N / B over all B examples. With SGD, equal gradients give equal parameters."""
+    one = run_worker(tmp_path, 1, tmp_path / "one.pt")
+    two = run_worker(tmp_path, 2, tmp_path / "two.pt")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_context_from_env():
+    assert context_from_env(env={}) is None
+    ctx = context_from_env("cpu", env={"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
+    assert (ctx.rank, ctx.world_size, ctx.backend, ctx.device.type, ctx.is_main) == (1, 2, "gloo", "cpu", False)
+
+
+@pytest.mark.parametrize(
+    ("env", "kw", "words"),
+    [
+        ({"WORLD_SIZE": "two", "RANK": "0"}, {}, "WORLD_SIZE='two' is not an integer"),
+        ({"WORLD_SIZE": "0", "RANK": "0"}, {}, "WORLD_SIZE must be >= 1"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, {}, r"RANK=2 is outside 0..1"),
+        ({"WORLD_SIZE": "2", "RANK": "0"}, {"backend": "mpi"}, "unknown distributed backend 'mpi'"),
+        ({"WORLD_SIZE": "2", "RANK": "0"}, {"device": "cpu", "backend": "nccl"}, "nccl backend needs CUDA"),
+    ],
+)
+def test_bad_environment_or_backend(env, kw, words):
+    with pytest.raises(ConfigError, match=words):
+        context_from_env(env=env, **kw)
+
+
+def test_reduce_mean_se_without_process_group_is_the_plain_estimate():
+    values = torch.tensor([1.0, 2.0, 4.0, 7.0])
+    result = reduce_mean_se(values)
+    assert result.mean == pytest.approx(3.5)
+    assert result.se == pytest.approx(values.std().item() / 2)
