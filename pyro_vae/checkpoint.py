@@ -213,6 +213,15 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     return path
 
 
+def _read_digest(sidecar: Path) -> str:
+    """The hex digest a sidecar records, or ``""`` if it is missing or empty."""
+    try:
+        fields = sidecar.read_text(errors="replace").split()
+    except FileNotFoundError:
+        return ""
+    return fields[0] if fields else ""
+
+
 def _verify(path: Path) -> tuple[int, str | None]:
     """``(size, problem)`` of a checkpoint file, checked against its sidecar without unpickling it."""
     if not path.is_file():
@@ -222,8 +231,7 @@ def _verify(path: Path) -> tuple[int, str | None]:
         return 0, "is empty"
     sidecar = _sidecar(path)
     if sidecar.is_file():
-        fields = sidecar.read_text(errors="replace").split()
-        expected = fields[0] if fields else ""
+        expected = _read_digest(sidecar)
         actual = sha256_of(path)
         if actual != expected:
             return size, f"fails its checksum (sha256 {actual[:12]}… ≠ {expected[:12] or 'nothing'}…): it is damaged"
@@ -413,10 +421,12 @@ class CheckpointDir:
             src, dst = self.run_dir / self.names[i], self.run_dir / self.names[i + 1]
             if not src.exists():
                 continue
+            digest = _read_digest(_sidecar(src))
             _sidecar(dst).unlink(missing_ok=True)
             os.replace(src, dst)
-            if _sidecar(src).exists():
-                os.replace(_sidecar(src), _sidecar(dst))
+            if digest:
+                _write_sidecar(dst, digest, sync_dir=False)  # rewritten, so that it names the file it belongs to
+            _sidecar(src).unlink(missing_ok=True)
         _sidecar(self.last).unlink(missing_ok=True)
 
     def _drop_beyond(self) -> None:
