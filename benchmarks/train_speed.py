@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyro
 import pyro.optim
@@ -177,11 +178,31 @@ def paired(num: Contender, den: Contender) -> float:
     return statistics.median(ratios)
 
 
-def peak_rss_over_floor(steps: int) -> tuple[float, float]:
-    """Peak RSS (MiB) of a fresh process after ``import torch``, and after training ``steps`` steps of contender a."""
-    floor = "import resource, torch; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    train = (
-        "import resource, sys, torch\n"
+_PEAK = "int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024"
+
+
+def peak_rss(steps: int) -> dict[str, float]:
+    """Peak RSS (VmHWM, MiB) of fresh processes: after ``import torch`` only (the floor), after ``steps`` steps of
+    the hand-written loop (b), and after ``steps`` steps of ``pyro_vae.fit`` (a) on the embedded data.
+
+    ``ru_maxrss`` is not used: Linux carries the parent's high-water mark across ``exec``.
+    """
+    prelude = "import re, sys, torch\n"
+    floor = prelude + f"print({_PEAK})"
+    hand = prelude + (
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from train_speed import make_torch_step\n"
+        "from pyro_vae.config import DataConfig\n"
+        "from pyro_vae.data import EpochBatches, load_dataset\n"
+        "from pyro_vae.model import VAE\n"
+        "data = load_dataset(DataConfig())\n"
+        "step = make_torch_step(VAE(data.input_dim), data.x_train.shape[0], fused=False)\n"
+        "batches = EpochBatches(data.x_train, batch_size=128, seed=0, binarize='dynamic')\n"
+        f"for _, b in zip(range({steps}), (b for e in range(100) for b in batches.batches(e))):\n"
+        "    step(b.x)\n"
+        f"print({_PEAK})"
+    )
+    fit = prelude + (
         "from pyro_vae.config import DataConfig, RunConfig, TrainConfig\n"
         "from pyro_vae.data import load_dataset\n"
         "from pyro_vae.model import VAE\n"
@@ -189,13 +210,14 @@ def peak_rss_over_floor(steps: int) -> tuple[float, float]:
         f"cfg = RunConfig(train=TrainConfig(epochs=100, max_steps={steps}, progress=False))\n"
         "data = load_dataset(DataConfig())\n"
         "fit(VAE.from_config(cfg.model, data.input_dim), data, cfg)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        f"print({_PEAK})"
     )
-    values = []
-    for code in (floor, train):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-        values.append(int(out.split()[-1]) / 1024)
-    return values[0], values[1]
+    here = str(Path(__file__).resolve().parent)
+    out = {}
+    for name, code in (("import torch", floor), ("hand-written (b)", hand), ("pyro_vae fit (a)", fit)):
+        proc = subprocess.run([sys.executable, "-c", code, here], capture_output=True, text=True, check=True)
+        out[name] = float(proc.stdout.split()[-1])
+    return out
 
 
 def help_time(repeats: int) -> float:
@@ -263,8 +285,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{paired(r['a'], r['b']):.3f} |"
         )
 
-    floor, peak = peak_rss_over_floor(20 if args.quick else 300)
-    print(f"\npeak RSS: import torch {floor:.0f} MiB, training {peak:.0f} MiB, over the floor {peak - floor:.0f} MiB")
+    peaks = peak_rss(20 if args.quick else 300)
+    floor = peaks["import torch"]
+    print("\n| process | peak RSS MiB | over the import-torch floor |")
+    print("|---|---|---|")
+    for name, value in peaks.items():
+        print(f"| {name} | {value:.0f} | {value - floor:+.0f} |")
     print(f"pyro-vae --help: {help_time(3 if args.quick else 11) * 1e3:.0f} ms (median, whole process)")
     return 0
 
