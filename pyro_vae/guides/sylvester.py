@@ -31,17 +31,22 @@ The family has no global parameters. How Q is made from its numbers is the varia
 =========================  ===========================  =====================================================
 family                     Q                            Q numbers per step
 =========================  ===========================  =====================================================
-``sylvester`` (O-SNF)      QR decomposition of an L×M   L·M (M = ``num_ortho_vecs``, default L)
+``sylvester`` (O-SNF)      Gram–Schmidt (QR) of an L×M  L·M (M = ``num_ortho_vecs``, default L − 1)
                            matrix
 ``sylvester_householder``  product of H reflections     H·L (H = ``num_householder``, default L // 2 + 1)
 ``sylvester_triangular``   identity / reversal,         0 (M = L)
                            alternating over steps
 =========================  ===========================  =====================================================
 
-The paper orthogonalises Q with an iterative (Björck) scheme stopped at a tolerance; the QR decomposition used here
-is orthonormal to rounding error, which the log-determinant formula needs, and is differentiable for a matrix of
-full column rank. A Sylvester step has no closed-form inverse: the family scores its own samples (Pyro caches
-each step's input), which is all that the ELBO and importance sampling need.
+The paper orthogonalises Q with an iterative (Björck) scheme stopped at a tolerance; here Q is the orthonormal factor
+of a QR decomposition with the signs fixed so that R has a positive diagonal, i.e. Gram–Schmidt of the raw columns:
+orthonormal to rounding error (which the log-determinant formula needs), a smooth function of a matrix of full
+column rank (LAPACK's own signs flip where a pivot crosses zero), and several times cheaper than the polar factor
+that Björck's iteration converges to. M is at most L − 1: with M = L the last column of Q would be fixed, up to
+its sign, by the others, and the L raw numbers behind it would get no gradient.
+
+A Sylvester step has no closed-form inverse: the family scores its own samples (Pyro caches each step's input),
+which is all that the ELBO and importance sampling need.
 
 Reference: R. van den Berg, L. Hasenclever, J. M. Tomczak, M. Welling. Sylvester Normalizing Flows for Variational
 Inference. UAI 2018.
@@ -224,7 +229,8 @@ class OrthogonalSylvester(SylvesterFamily):
 
     :param int latent_dim: L.
     :param num_flows: K.
-    :param num_ortho_vecs: M, 1 ≤ M ≤ L (default L); smaller M makes each step a rank-M update and cheaper.
+    :param num_ortho_vecs: M, 1 ≤ M ≤ L − 1 (default L − 1, and 1 when L = 1): each step is a rank-M update;
+        K steps with different Q cover all L directions.
     :param base: the base family (default ``"mvn_diag"``).
     """
 
@@ -237,9 +243,13 @@ class OrthogonalSylvester(SylvesterFamily):
         num_ortho_vecs: int | None = None,
         base: str | GuideFamily = "mvn_diag",
     ):
-        m = latent_dim if num_ortho_vecs is None else num_ortho_vecs
-        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= max(latent_dim, 1):
-            raise ConfigError(f"num_ortho_vecs must be an integer from 1 to latent_dim={latent_dim}, got {m!r}")
+        largest = max(latent_dim - 1, 1) if isinstance(latent_dim, int) else 1
+        m = largest if num_ortho_vecs is None else num_ortho_vecs
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= largest:
+            raise ConfigError(
+                f"num_ortho_vecs must be an integer from 1 to latent_dim - 1 = {largest}, got {m!r} (the last "
+                "column of a square Q is fixed by the others); for a square Q use sylvester_householder"
+            )
         self._m = m
         super().__init__(latent_dim, num_flows, base)
 
@@ -252,7 +262,10 @@ class OrthogonalSylvester(SylvesterFamily):
         return self.latent_dim * self._m
 
     def make_q(self, raw_q: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.qr(raw_q.unflatten(-1, (self.latent_dim, self._m))).Q  # (B, K, L, M)
+        q, r = torch.linalg.qr(raw_q.unflatten(-1, (self.latent_dim, self._m)))  # (B, K, L, M), (B, K, M, M)
+        # diag(R) > 0 makes the factorisation unique and Q continuous in the raw numbers; sign(0) → +1
+        signs = torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)  # (B, K, M)
+        return q * signs.unsqueeze(-2)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_ortho_vecs={self._m}"
