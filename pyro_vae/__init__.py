@@ -27,10 +27,15 @@ _EXPORTS = {
     "register_family": "pyro_vae.guides",
     "make_likelihood": "pyro_vae.likelihoods",
     "VAE": "pyro_vae.model",
+    "LinearGaussianVAE": "pyro_vae.linear_gaussian",
     "make_objective": "pyro_vae.objectives",
     "SingleOptimizer": "pyro_vae.optim",
     "adamw": "pyro_vae.optim",
     "evaluate_elbo": "pyro_vae.evaluation",
+    "evaluate": "pyro_vae.evaluation",
+    "EvalResult": "pyro_vae.evaluation",
+    "inference_gaps": "pyro_vae.gaps",
+    "make_schedule": "pyro_vae.schedules",
     "fit": "pyro_vae.train",
     "FitResult": "pyro_vae.train",
     "save_checkpoint": "pyro_vae.checkpoint",
@@ -44,8 +49,10 @@ __all__ = [
     "DataConfig",
     "DataError",
     "Dataset",
+    "EvalResult",
     "FitResult",
     "GuideFamily",
+    "LinearGaussianVAE",
     "ModelConfig",
     "NonFiniteLossError",
     "PyroVAEError",
@@ -54,14 +61,17 @@ __all__ = [
     "TrainConfig",
     "VAE",
     "adamw",
+    "evaluate",
     "evaluate_elbo",
     "family_names",
     "fit",
+    "inference_gaps",
     "load_checkpoint",
     "load_dataset",
     "make_family",
     "make_likelihood",
     "make_objective",
+    "make_schedule",
     "register_family",
     "save_checkpoint",
 ]
@@ -85,11 +95,14 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real names
     from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from pyro_vae.data import Dataset, load_dataset
     from pyro_vae.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PyroVAEError
-    from pyro_vae.evaluation import evaluate_elbo
+    from pyro_vae.evaluation import EvalResult, evaluate, evaluate_elbo
+    from pyro_vae.gaps import inference_gaps
     from pyro_vae.guides import GuideFamily, family_names, make_family
     from pyro_vae.guides import register as register_family
     from pyro_vae.likelihoods import make_likelihood
+    from pyro_vae.linear_gaussian import LinearGaussianVAE
     from pyro_vae.model import VAE
     from pyro_vae.objectives import make_objective
     from pyro_vae.optim import SingleOptimizer, adamw
+    from pyro_vae.schedules import make_schedule
     from pyro_vae.train import FitResult, fit

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pyro_vae.errors import ConfigError, unknown_choice
 
@@ -44,6 +44,71 @@ def _positive_float(name: str, value, *, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+
+
+class ObjectiveSpec(NamedTuple):
+    """A parsed objective spec ``name[:k[:estimator]]`` (see :func:`parse_objective_spec`)."""
+
+    name: str
+    num_particles: int | None
+    estimator: str | None
+
+
+def parse_objective_spec(spec: str) -> ObjectiveSpec:
+    """Split an objective spec such as ``"trace"``, ``"trace:4"``, ``"iwae:5"`` or ``"iwae:5:dreg"``.
+
+    Only the grammar is checked here (config stays free of torch); :func:`pyro_vae.objectives.make_objective`
+    checks the names against its registry.
+
+    :param str spec: ``name``, ``name:k`` (k particles per data point) or ``name:k:estimator``.
+    :raises ConfigError: if the spec does not have that form or k is not a positive integer.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"an objective must be a non-empty string such as 'trace' or 'iwae:5:dreg', got {spec!r}")
+    parts = spec.split(":")
+    if len(parts) > 3 or not all(parts):
+        raise ConfigError(f"objective {spec!r} is not of the form name[:k[:estimator]]; write e.g. 'iwae:5:dreg'")
+    k = None
+    if len(parts) > 1:
+        try:
+            k = int(parts[1])
+        except ValueError:
+            raise ConfigError(f"in objective {spec!r}, k={parts[1]!r} is not an integer; write e.g. 'iwae:5'") from None
+        if k <= 0:
+            raise ConfigError(f"in objective {spec!r}, k must be a positive number of particles, got {k}")
+    return ObjectiveSpec(parts[0], k, parts[2] if len(parts) == 3 else None)
+
+
+class ScheduleSpec(NamedTuple):
+    """A parsed KL-schedule spec ``name[:number[:number...]]`` (see :func:`parse_schedule_spec`)."""
+
+    name: str
+    args: tuple[float, ...]
+
+
+def parse_schedule_spec(spec: str) -> ScheduleSpec:
+    """Split a KL-schedule spec such as ``"constant:0.5"``, ``"linear:10000"``, ``"cyclical:5000:0.5"`` or
+    ``"free_bits:0.25"`` into its name and numbers.
+
+    Only the grammar is checked here; :func:`pyro_vae.schedules.make_schedule` checks the name and the arity.
+
+    :raises ConfigError: if the spec is empty or a number is not finite and >= 0.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"a KL schedule must be a non-empty string such as 'linear:10000', got {spec!r}")
+    name, *raw = spec.split(":")
+    args = []
+    for text in raw:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"in KL schedule {spec!r}, {text!r} is not a number; write e.g. 'linear:10000'") from None
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"in KL schedule {spec!r}, every number must be finite and >= 0, got {text!r}")
+        args.append(value)
+    if not name:
+        raise ConfigError(f"KL schedule {spec!r} has no name; write e.g. 'linear:10000'")
+    return ScheduleSpec(name, tuple(args))
 
 
 @dataclass(frozen=True)
@@ -132,9 +197,14 @@ class TrainConfig:
     :param float lr: AdamW learning rate.
     :param float weight_decay: AdamW decoupled weight decay; 0 keeps the objective the plain ELBO.
     :param clip_norm: clip the total gradient norm to this value; ``None`` disables clipping.
-    :param str objective: ``trace`` (:class:`~pyro.infer.Trace_ELBO`) or ``meanfield``
-        (:class:`~pyro.infer.TraceMeanField_ELBO`, analytic KL where Pyro has one).
-    :param int num_particles: samples of z per image per step (vectorised).
+    :param str objective: ``trace`` (:class:`~pyro.infer.Trace_ELBO`), ``meanfield``
+        (:class:`~pyro.infer.TraceMeanField_ELBO`, analytic KL where Pyro has one) or ``iwae`` (the importance-weighted
+        bound); ``name:k`` sets k particles and ``iwae:k:estimator`` the gradient estimator (``reparam``, ``stl``,
+        ``dreg``). See :func:`pyro_vae.objectives.make_objective`.
+    :param int num_particles: samples of z per image per step (vectorised); a k in ``objective`` sets it instead.
+    :param kl_schedule: weight of the KL term over training, e.g. ``"linear:10000"`` (warm-up over 10 000 steps),
+        ``"cyclical:5000:0.5"``, ``"constant:0.5"`` or ``"free_bits:0.25"``; ``None`` (default) is the plain ELBO.
+        See :func:`pyro_vae.schedules.make_schedule`.
     :param int seed: seeds weights, data order, binarisation and the guide's noise.
     :param str device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
     :param max_steps: stop after this many optimiser steps in total (``None``: run all epochs).
@@ -156,6 +226,7 @@ class TrainConfig:
     clip_norm: float | None = None
     objective: str = "trace"
     num_particles: int = 1
+    kl_schedule: str | None = None
     seed: int = 0
     device: str = "auto"
     max_steps: int | None = None
@@ -178,6 +249,14 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         _positive_float("clip_norm", self.clip_norm, allow_none=True)
         _positive_int("num_particles", self.num_particles)
+        spec = parse_objective_spec(self.objective)
+        if spec.num_particles is not None and self.num_particles not in (1, spec.num_particles):
+            raise ConfigError(
+                f"objective {self.objective!r} asks for {spec.num_particles} particles but num_particles is "
+                f"{self.num_particles}; give the number once, in the objective or in num_particles"
+            )
+        if self.kl_schedule is not None:
+            parse_schedule_spec(self.kl_schedule)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         _choice("device", self.device, DEVICES)
