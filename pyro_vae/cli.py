@@ -1,4 +1,4 @@
-"""The ``pyro-vae`` command line: ``train``, ``evaluate`` and ``sample``.
+"""The ``pyro-vae`` command line: ``train``, ``evaluate``, ``sample`` and ``compare``.
 
 Heavy imports (torch, Pyro, matplotlib) happen inside the commands, so ``pyro-vae --help`` answers at once. Usage
 errors print one line on stderr and exit 2; runtime errors print one line and exit 1 (``--debug`` shows the
@@ -61,6 +61,18 @@ def _choice_type(what: str, choices, *, spec: bool = False):
     return parse
 
 
+#: The families ``pyro-vae compare`` trains when ``--guides`` is not given.
+DEFAULT_COMPARE_GUIDES = "mvn_diag,diag_normal,full_rank,low_rank:4,iaf:2,sylvester:4"
+
+
+def _guide_list(value: str) -> list[str]:
+    guides = [g.strip() for g in value.split(",")]
+    if not all(guides):
+        raise argparse.ArgumentTypeError(f"expected comma-separated guide families, got {value!r}")
+    check = _choice_type("guide family", GUIDE_CHOICES, spec=True)
+    return [check(g) for g in guides]
+
+
 def _positive(kind):
     def parse(value: str):
         try:
@@ -121,6 +133,45 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="seed of the prior draws")
     sample.add_argument("--out", type=Path, required=True, help="PNG file to write")
     sample.set_defaults(run=cmd_sample)
+
+    compare = sub.add_parser("compare", help="train several guide families under one protocol and tabulate")
+    compare.add_argument(
+        "--guides",
+        type=_guide_list,
+        default=DEFAULT_COMPARE_GUIDES,
+        help=f"comma-separated family specs (default {DEFAULT_COMPARE_GUIDES})",
+    )
+    compare.add_argument("--seeds", type=_positive(int), default=3, help="seeds 0..S-1 for every family (default 3)")
+    compare.add_argument("--config", type=Path, help="JSON run config (sections data/model/train); flags override it")
+    compare.add_argument("--dataset", choices=DATASETS, help="data source (default: embedded, works offline)")
+    compare.add_argument("--data", dest="data_path", help="your .npz file (x, optional y, x_test, y_test)")
+    compare.add_argument("--data-dir", help="directory of Fashion-MNIST IDX files, or the MNIST download root")
+    compare.add_argument("--latent-dim", type=_positive(int), help="latent dimension L (default 16)")
+    compare.add_argument("--hidden-dims", help="comma-separated encoder widths (default 512,256,128,64)")
+    compare.add_argument("--likelihood", type=_choice_type("likelihood", LIKELIHOOD_CHOICES), help="p(x|z)")
+    compare.add_argument("--binarize", choices=BINARIZATIONS, help="binarisation protocol (default dynamic)")
+    compare.add_argument("--objective", type=_choice_type("objective", OBJECTIVE_CHOICES), help="ELBO estimator")
+    compare.add_argument("--particles", type=_positive(int), help="samples of z per image per step")
+    compare.add_argument("--epochs", type=_positive(int), help="passes over the training data (default 20)")
+    compare.add_argument("--batch-size", type=_positive(int), help="images per step (default 128)")
+    compare.add_argument("--lr", type=_positive(float), help="AdamW learning rate (default 1e-3)")
+    compare.add_argument("--clip-norm", type=_positive(float), help="clip the gradient norm")
+    compare.add_argument("--device", choices=DEVICES, help="auto (CUDA when present), cpu or cuda")
+    compare.add_argument("--threads", type=_positive(int), help="torch CPU threads of every run")
+    compare.add_argument("--max-steps", type=_positive(int), help="stop every run after this many steps")
+    compare.add_argument("--n-train", type=_positive(int), help="use only the first N training images")
+    compare.add_argument("--n-test", type=_positive(int), help="use only the first N test images")
+    compare.add_argument("--out", type=Path, help="output directory (default runs/compare-<time>)")
+    compare.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
+    compare.add_argument("--no-figures", action="store_true", help="do not write compare.png")
+    compare.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one fresh process per run, so peak memory is per run (default: on)",
+    )
+    compare.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars")
+    compare.set_defaults(run=cmd_compare, guide=None, seed=None)
     return parser
 
 
@@ -285,6 +336,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except OSError as err:
         raise ConfigError(f"cannot write {args.out}: {err.strerror}") from None
     print(f"wrote {args.n} samples to {args.out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    out = args.out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    _prepare_out_dir(out, args.overwrite)
+
+    from pyro_vae.compare import compare
+    from pyro_vae.train import environment_info
+
+    seeds = list(range(args.seeds))
+    (out / "config.json").write_text(
+        json.dumps(
+            {"config": config.to_dict(), "guides": args.guides, "seeds": seeds, "environment": environment_info()},
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n"
+    )
+    start = time.perf_counter()
+    result = compare(args.guides, config, seeds, out_dir=out, isolate=args.isolate)
+    seconds = time.perf_counter() - start
+    if not args.no_figures:
+        from pyro_vae.plotting import comparison_figure
+
+        comparison_figure(result).savefig(out / "compare.png", dpi=100)
+    print(result.table())
+    print(f"\n{result.protocol()}")
+    print(f"\n{len(result.runs)} runs in {seconds:.0f} s; compare.md, compare.csv, runs.csv in {out}")
     return 0
 
 

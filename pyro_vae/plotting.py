@@ -17,7 +17,16 @@ from matplotlib.figure import Figure
 
 from pyro_vae.model import VAE, posterior_mean
 
-__all__ = ["image_grid", "reconstruction_grid", "sample_grid", "loss_curves", "latent_scatter", "save_run_figures"]
+__all__ = [
+    "image_grid",
+    "reconstruction_grid",
+    "sample_grid",
+    "loss_curves",
+    "latent_scatter",
+    "latent_posteriors",
+    "comparison_figure",
+    "save_run_figures",
+]
 
 
 def _shape(image_shape: Sequence[int] | None, dim: int) -> tuple[int, int]:
@@ -116,6 +125,140 @@ def latent_scatter(
         ax.set_ylabel(f"z[{dims[1]}]")
     ax.set_xlabel(f"z[{dims[0]}]")
     ax.set_title("posterior means" + ("" if vae.latent_dim == 2 else f" (dimensions {dims[0]} and {dims[1]})"))
+    return fig
+
+
+def _marginal_covariance(q, dims: tuple[int, int]) -> torch.Tensor | None:
+    """Covariance ``(B, 2, 2)`` of ``z[dims]`` under q, where q has one in closed form; ``None`` otherwise (flows)."""
+    index = list(dims)
+    tril = getattr(q, "scale_tril", None)  # MultivariateNormal, LowRankMultivariateNormal
+    if tril is not None:
+        rows = tril[..., index, :]  # (B, 2, L): the marginal covariance is rows @ rowsᵀ, no L×L matrix needed
+        return rows @ rows.mT
+    try:
+        variance = q.variance  # Normal(...).to_event(1): independent coordinates
+    except NotImplementedError:
+        return None
+    return torch.diag_embed(variance[..., index])
+
+
+def latent_posteriors(
+    vae: VAE,
+    x: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    dims: tuple[int, int] = (0, 1),
+    n_std: float = 2.0,
+    n_samples: int = 32,
+    seed: int = 0,
+    title: str | None = None,
+) -> Figure:
+    r"""Each data point's posterior q(z | x) in two latent dimensions: its mean, and either its ``n_std``-standard-
+    deviation covariance ellipse (Gaussian families, from ``scale_tril`` or the variance) or, for families without
+    a closed-form covariance (flows), a cloud of ``n_samples`` draws. Colours follow the labels.
+
+    The ellipse of a 2×2 marginal covariance :math:`\Sigma = V \operatorname{diag}(\lambda) V^\top` has
+    semi-axes :math:`n_\sigma \sqrt{\lambda_i}` along the eigenvectors :math:`v_i`; for a Gaussian it holds
+    :math:`1 - e^{-n_\sigma^2/2}` of the mass (86 % for 2 σ).
+
+    :param vae: a trained model with ``latent_dim >= 2``.
+    :param x: data ``(B, D)``; a few dozen points keep the ellipses readable.
+    :param labels: ``(B,)`` integer labels for the colours, or ``None``.
+    :param dims: the two latent dimensions to draw.
+    :param float n_std: ellipse size in standard deviations.
+    :param int n_samples: draws per point for flows.
+    :param int seed: seed of the flow draws.
+    :param title: axes title (default: says what is drawn).
+    """
+    if vae.latent_dim < 2:
+        raise ValueError(f"latent_posteriors needs latent_dim >= 2, the VAE has {vae.latent_dim}")
+    from matplotlib.collections import EllipseCollection
+
+    device = next(vae.parameters()).device
+    colours = None if labels is None else labels.cpu().numpy()
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.add_subplot()
+    with torch.no_grad():
+        q = vae.encode(x.to(device))
+        covariance = _marginal_covariance(q, dims)
+        if covariance is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                z = q.sample((n_samples,))[..., list(dims)].cpu().numpy()  # (S, B, 2)
+            centres = z.mean(0)
+            cloud_colours = None if colours is None else np.broadcast_to(colours, z.shape[:2]).ravel()
+            ax.scatter(*z.reshape(-1, 2).T, s=2, alpha=0.25, c=cloud_colours, cmap="tab10", vmin=0, vmax=9, lw=0)
+            what = f"{n_samples} posterior draws per point"
+        else:
+            centres = posterior_mean(q)[..., list(dims)].cpu().numpy()  # (B, 2)
+            eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())  # ascending: (B, 2), (B, 2, 2)
+            major = eigenvectors[..., :, 1].cpu().numpy()  # (B, 2)
+            axes = 2 * n_std * eigenvalues.clamp(min=0).sqrt().cpu().numpy()  # full axis lengths, (B, 2)
+            angles = np.degrees(np.arctan2(major[:, 1], major[:, 0]))
+            ellipses = EllipseCollection(
+                axes[:, 1],
+                axes[:, 0],
+                angles,
+                units="xy",
+                offsets=centres,
+                offset_transform=ax.transData,
+                facecolors="none",
+                alpha=0.6,
+                linewidths=0.8,
+            )
+            if colours is not None:
+                ellipses.set_array(colours)
+                ellipses.set_cmap("tab10")
+                ellipses.set_clim(0, 9)
+                ellipses.set_facecolor("none")
+            ax.add_collection(ellipses)
+            what = f"posterior means and {n_std:g}σ ellipses"
+    sc = ax.scatter(centres[:, 0], centres[:, 1], s=8, c=colours, cmap="tab10", vmin=0, vmax=9, edgecolors="k", lw=0.3)
+    if labels is not None:
+        fig.colorbar(sc, ax=ax, label="label")
+    ax.autoscale_view()
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xlabel(f"z[{dims[0]}]")
+    ax.set_ylabel(f"z[{dims[1]}]")
+    ax.set_title(title if title is not None else what)
+    return fig
+
+
+def comparison_figure(result) -> Figure:
+    """Three panels from a :class:`~pyro_vae.compare.CompareResult`: test ELBO (mean ± SE over seeds, each seed as a
+    dot), median seconds per epoch (with the ratio to ``mvn_diag`` above each bar), and peak resident-set growth."""
+    rows = result.rows
+    names = [row.guide for row in rows]
+    positions = np.arange(len(rows))
+    fig = Figure(figsize=(max(8.0, 1.6 * len(rows) * 1.5), 3.8), layout="constrained")
+    ax_elbo, ax_time, ax_mem = fig.subplots(1, 3)
+    means = np.array([row.test_elbo.mean for row in rows])
+    ses = np.nan_to_num(np.array([row.test_elbo.se for row in rows]))
+    ax_elbo.errorbar(positions, means, yerr=ses, fmt="o", color="C0", capsize=4, label="mean ± SE")
+    for i, guide in enumerate(names):
+        seeds = [run.test_elbo.mean for run in result.runs if run.guide == guide]
+        ax_elbo.scatter(np.full(len(seeds), i + 0.15), seeds, s=10, color="C1", alpha=0.7)
+    ax_elbo.set_ylabel("test ELBO (nats per image)")
+    ax_elbo.set_title("test ELBO (higher is better)")
+    seconds = [row.seconds_per_epoch for row in rows]
+    bars = ax_time.bar(positions, seconds, color="C2")
+    for bar, row in zip(bars, rows, strict=True):
+        if row.time_ratio is not None:
+            ax_time.annotate(
+                f"{row.time_ratio:.2f}×",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    ax_time.set_ylabel("seconds per epoch (median)")
+    ax_time.set_title("training time")
+    memory = [np.nan if row.peak_memory_mib is None else row.peak_memory_mib for row in rows]
+    ax_mem.bar(positions, memory, color="C4")
+    ax_mem.set_ylabel("peak RSS growth (MiB)")
+    ax_mem.set_title("memory")
+    for ax in (ax_elbo, ax_time, ax_mem):
+        ax.set_xticks(positions, names, rotation=30, ha="right")
+        ax.grid(alpha=0.3, axis="y")
     return fig
 
 

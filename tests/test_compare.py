@@ -1,0 +1,139 @@
+"""``compare``: the same protocol for every family, rows reproducible on their own, honest summaries."""
+
+import csv
+import io
+import math
+import statistics
+
+import pytest
+import torch
+
+from pyro_vae import DataConfig, RunConfig, cli, fit, load_dataset
+from pyro_vae.compare import CompareResult, SeedRun, _summarise, compare, initial_vae
+from pyro_vae.config import ModelConfig
+from pyro_vae.errors import ConfigError
+from pyro_vae.evaluation import MeanSE
+
+TINY_DATA = DataConfig(n_train=300, n_test=100)
+TINY_MODEL = ModelConfig(latent_dim=2, hidden_dims=(32, 16))
+TINY = RunConfig(data=TINY_DATA, model=TINY_MODEL).replace(train={"epochs": 2, "batch_size": 100, "progress": False})
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset(TINY_DATA)
+
+
+def test_a_row_equals_a_separate_single_family_run(data):
+    result = compare(["mvn_diag", "full_rank", "iaf:2"], TINY, seeds=[0, 1], data=data)
+    assert [row.guide for row in result.rows] == ["mvn_diag", "full_rank", "iaf:2"]
+    row_runs = {(run.guide, run.seed): run for run in result.runs}
+    for guide in ("full_rank", "iaf:2"):
+        config = TINY.replace(model={"guide": guide}, train={"seed": 1})
+        alone = fit(initial_vae(config.model, data.input_dim, seed=1), data, config)
+        assert row_runs[(guide, 1)].test_elbo == alone.test_elbo
+        assert row_runs[(guide, 1)].steps == alone.steps
+    # and a comparison of that family alone gives the same row
+    single = compare(["iaf:2"], TINY, seeds=[0, 1], data=data)
+    assert single.rows[0].test_elbo == result.rows[2].test_elbo
+
+
+def test_shared_parts_start_identical_across_families():
+    first = initial_vae(TINY_MODEL, 784, seed=3)  # mvn_diag
+    for guide in ("diag_normal", "full_rank", "low_rank", "iaf:2", "sylvester:2"):
+        other = initial_vae(ModelConfig(latent_dim=2, hidden_dims=(32, 16), guide=guide), 784, seed=3)
+        for part in ("body", "decoder"):
+            a = (first.encoder.body if part == "body" else first.decoder).state_dict()
+            b = (other.encoder.body if part == "body" else other.decoder).state_dict()
+            assert all(torch.equal(a[k], b[k]) for k in a), f"{part} differs for {guide}"
+        # the head's rows that emit the base Gaussian's 2L numbers come from the same stream
+        torch.testing.assert_close(other.encoder.head.weight[:4], first.encoder.head.weight[:4], rtol=0, atol=0)
+    again = initial_vae(ModelConfig(latent_dim=2, hidden_dims=(32, 16), guide="iaf:2"), 784, seed=3)
+    other = initial_vae(ModelConfig(latent_dim=2, hidden_dims=(32, 16), guide="iaf:2"), 784, seed=3)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in again.state_dict().items())
+    assert not torch.equal(initial_vae(TINY_MODEL, 784, seed=4).decoder.net[0].weight, first.decoder.net[0].weight)
+
+
+def _run(guide, seed, elbo, seconds, memory=None):
+    return SeedRun(guide, seed, MeanSE(elbo, 0.1), tuple(seconds), memory, 4, 100, 10, "d")
+
+
+def test_summary_statistics():
+    runs = [
+        _run("mvn_diag", 0, -100.0, [1.0, 3.0, 2.0], 10.0),
+        _run("mvn_diag", 1, -102.0, [2.0, 2.0, 2.0], 12.0),
+        _run("iaf:2", 0, -99.0, [4.0, 5.0, 6.0]),
+        _run("iaf:2", 1, -98.0, [5.0, 5.0, 4.0]),
+    ]
+    rows = _summarise(["iaf:2", "mvn_diag"], runs)
+    iaf, seed = rows
+    assert seed.test_elbo.mean == -101.0
+    assert seed.test_elbo.se == pytest.approx(statistics.stdev([-100.0, -102.0]) / math.sqrt(2))
+    assert seed.seconds_per_epoch == 2.0 and seed.time_ratio == 1.0 and seed.peak_memory_mib == 12.0
+    assert iaf.seconds_per_epoch == 5.0 and iaf.time_ratio == 2.5 and iaf.peak_memory_mib is None
+    lone = _summarise(["iaf:2"], runs[2:3])[0]
+    assert lone.time_ratio is None and math.isnan(lone.test_elbo.se)
+
+
+def test_tables_and_files(data, tmp_path):
+    result = compare(
+        ["mvn_diag", "low_rank"], TINY.replace(train={"epochs": 1}), seeds=[0], data=data, out_dir=tmp_path
+    )
+    assert isinstance(result, CompareResult)
+    for name in ("compare.md", "compare.csv", "runs.csv"):
+        assert (tmp_path / name).is_file()
+    assert (tmp_path / "runs" / "low_rank-seed0" / "metrics.jsonl").is_file()
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "compare.csv").read_text())))
+    assert [r["guide"] for r in rows] == ["mvn_diag", "low_rank"]
+    assert float(rows[0]["time_ratio_to_mvn_diag"]) == 1.0
+    assert float(rows[1]["test_elbo_mean"]) == result.rows[1].test_elbo.mean
+    markdown = (tmp_path / "compare.md").read_text()
+    assert "| mvn_diag |" in markdown and "embedded-fashion-mnist" in markdown and "n/a" in markdown
+    assert result.table().splitlines()[0].startswith("guide")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"guides": ["mvn_diag", "iaff:2"]}, "did you mean 'iaf'"),
+        ({"guides": ["iaf", "iaf"]}, "must be distinct"),
+        ({"guides": []}, "at least one guide"),
+        ({"guides": ["mvn_diag"], "seeds": []}, "seeds must be"),
+        ({"guides": ["mvn_diag"], "seeds": [-1]}, "seeds must be"),
+        ({"guides": ["mvn_diag"], "isolate": True, "data": "given"}, "pass data=None"),
+    ],
+)
+def test_bad_input_is_refused_before_training(kwargs, words, data):
+    if kwargs.get("data") == "given":
+        kwargs["data"] = data
+    kwargs.setdefault("data", data)
+    with pytest.raises(ConfigError, match=words):
+        compare(config=TINY, **kwargs)
+
+
+def test_isolated_runs_match_in_process_runs_and_measure_memory(data):
+    config = TINY.replace(train={"epochs": 1})
+    isolated = compare(["mvn_diag"], config, seeds=[0], isolate=True)
+    in_process = compare(["mvn_diag"], config, seeds=[0], data=data)
+    assert isolated.runs[0].test_elbo == in_process.runs[0].test_elbo
+    assert isolated.isolated and isolated.runs[0].peak_memory_mib is not None
+    assert isolated.runs[0].peak_memory_mib >= 0
+
+
+def test_cli_compare(tmp_path, capsys):
+    args = ["compare", "--guides", "mvn_diag,sylvester:2", "--seeds", "2", "--epochs", "1", "--n-train", "200"]
+    args += ["--n-test", "50", "--batch-size", "100", "--hidden-dims", "32,16", "--latent-dim", "2", "--no-isolate"]
+    assert cli.main([*args, "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[0] == "guide" and "sylvester:2" in out
+    for name in ("compare.md", "compare.csv", "runs.csv", "compare.png", "config.json"):
+        assert (tmp_path / "c" / name).is_file(), name
+    assert cli.main([*args, "--out", str(tmp_path / "c")]) == 2  # an existing comparison is not overwritten
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_compare_unknown_guide(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["compare", "--guides", "mvn_diag,ful_rank"])
+    assert exit_info.value.code == 2
+    assert "did you mean 'full_rank'" in capsys.readouterr().err
