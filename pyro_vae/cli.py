@@ -38,7 +38,9 @@ GUIDE_CHOICES = (
 #: Registered likelihoods (checked against :func:`pyro_vae.likelihoods.likelihood_names` by a test).
 LIKELIHOOD_CHOICES = ("bernoulli", "continuous_bernoulli")
 #: Registered objectives (checked against :func:`pyro_vae.objectives.objective_names` by a test).
-OBJECTIVE_CHOICES = ("meanfield", "trace")
+OBJECTIVE_CHOICES = ("iwae", "meanfield", "trace")
+#: Registered KL schedules (checked against :func:`pyro_vae.schedules.schedule_names` by a test).
+KL_SCHEDULE_CHOICES = ("constant", "cyclical", "free_bits", "linear")
 
 logger = logging.getLogger("pyro_vae.cli")
 
@@ -73,6 +75,27 @@ def _guide_list(value: str) -> list[str]:
     return [check(g) for g in guides]
 
 
+def _int_list(value: str) -> tuple[int, ...]:
+    message = f"expected comma-separated positive integers such as 1,100,1000, got {value!r}"
+    try:
+        numbers = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(message) from None
+    if not numbers or min(numbers) <= 0:
+        raise argparse.ArgumentTypeError(message)
+    return numbers
+
+
+def _nonnegative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
 def _positive(kind):
     def parse(value: str):
         try:
@@ -103,7 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hidden-dims", help="comma-separated encoder widths (default 512,256,128,64)")
     train.add_argument("--likelihood", type=_choice_type("likelihood", LIKELIHOOD_CHOICES), help="p(x|z)")
     train.add_argument("--binarize", choices=BINARIZATIONS, help="binarisation protocol (default dynamic)")
-    train.add_argument("--objective", type=_choice_type("objective", OBJECTIVE_CHOICES), help="ELBO estimator")
+    train.add_argument(
+        "--objective",
+        type=_choice_type("objective", OBJECTIVE_CHOICES, spec=True),
+        help="trace, meanfield, name:K for K particles, or iwae:K[:reparam|stl|dreg] (default trace)",
+    )
+    train.add_argument(
+        "--kl-schedule",
+        type=_choice_type("KL schedule", KL_SCHEDULE_CHOICES, spec=True),
+        help="KL weight over training: constant:BETA, linear:STEPS, cyclical:PERIOD[:RATIO], free_bits:NATS",
+    )
     train.add_argument("--particles", type=_positive(int), help="samples of z per image per step")
     train.add_argument("--epochs", type=_positive(int), help="passes over the training data (default 20)")
     train.add_argument("--batch-size", type=_positive(int), help="images per step (default 128)")
@@ -123,8 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="evaluate a trained run on its test split")
     evaluate.add_argument("run_dir", type=Path, help="a directory written by 'pyro-vae train'")
-    evaluate.add_argument("--batch-size", type=_positive(int), default=1000, help="images per chunk")
+    evaluate.add_argument(
+        "--k", type=_int_list, default=(1, 100, 1000), help="particles per IW bound of log p(x) (default 1,100,1000)"
+    )
+    evaluate.add_argument("--n", type=_positive(int), help="use only the first N test images (default: all)")
+    evaluate.add_argument("--gaps", action="store_true", help="also measure the approximation and amortisation gaps")
+    evaluate.add_argument("--gap-images", type=_positive(int), default=500, help="images for --gaps (default 500)")
+    evaluate.add_argument("--gap-steps", type=_positive(int), default=100, help="refinement steps (default 100)")
+    evaluate.add_argument(
+        "--chunk-size", type=_positive(int), default=4096, help="particles x images per pass (bounds memory)"
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
+    evaluate.add_argument("--threads", type=_positive(int), help="torch CPU threads")
+    evaluate.add_argument("--out", type=Path, help="JSON file to write (default DIR/eval.json)")
     evaluate.set_defaults(run=cmd_evaluate)
 
     sample = sub.add_parser("sample", help="draw images from a trained run's prior and decoder")
@@ -205,6 +248,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         ("latent_dim", model, "latent_dim"),
         ("likelihood", model, "likelihood"),
         ("objective", train, "objective"),
+        ("kl_schedule", train, "kl_schedule"),
         ("particles", train, "num_particles"),
         ("epochs", train, "epochs"),
         ("batch_size", train, "batch_size"),
@@ -297,30 +341,45 @@ def _load_run(run_dir: Path):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     config, vae, _ = _load_run(args.run_dir)
-    from pyro_vae.data import binarize_eval, load_dataset
-    from pyro_vae.evaluation import evaluate_elbo
+    import torch
 
+    from pyro_vae.data import binarize_eval, load_dataset
+    from pyro_vae.evaluation import DataProtocol, evaluate
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     data = load_dataset(config.data)
     x_test = binarize_eval(data.x_test, config.data.binarize, config.train.seed, config.data.threshold)
-    result = evaluate_elbo(vae, x_test, batch_size=args.batch_size, seed=args.seed)
-    record = {
-        "dataset": data.name,
-        "split": "test",
-        "binarize": config.data.binarize,
-        "binarize_seed": config.train.seed,
-        "likelihood": config.model.likelihood,
-        "num_images": result.num_images,
-        "elbo": result.elbo.mean,
-        "elbo_se": result.elbo.se,
-        "reconstruction": result.reconstruction.mean,
-        "kl": result.kl.mean,
-    }
-    (args.run_dir / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{'metric':<16}{'nats/image':>22}")
-    print(f"{'test ELBO':<16}{str(result.elbo):>22}")
-    print(f"{'reconstruction':<16}{str(result.reconstruction):>22}")
-    print(f"{'KL':<16}{str(result.kl):>22}")
-    print(f"({result.num_images} test images of {data.name}, binarize={config.data.binarize})")
+    if args.n is not None:
+        if args.n > x_test.shape[0]:
+            available = x_test.shape[0]
+            raise ConfigError(f"--n {args.n} exceeds the run's {available} test images; use --n {available} or less")
+        x_test = x_test[: args.n]
+    drawn = config.data.binarize in ("dynamic", "static")  # only Bernoulli draws have a seed
+    protocol = DataProtocol(data.name, "test", config.data.binarize, config.train.seed if drawn else None)
+    result = evaluate(vae, x_test, args.k, protocol=protocol, chunk_size=args.chunk_size, seed=args.seed)
+    record = result.to_json()
+    print(result.table())
+    if args.gaps:
+        from pyro_vae.gaps import inference_gaps
+
+        gaps = inference_gaps(
+            vae,
+            x_test[: args.gap_images],
+            k=max(args.k),
+            steps=args.gap_steps,
+            chunk_size=args.chunk_size,
+            seed=args.seed,
+        )
+        record["gaps"] = gaps.to_json()
+        print()
+        print(gaps.table())
+    out = args.out or args.run_dir / "eval.json"
+    try:
+        out.write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as err:
+        raise ConfigError(f"cannot write {out}: {err.strerror}; pass another --out") from None
+    print(f"wrote {out}")
     return 0
 
 

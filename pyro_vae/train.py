@@ -43,6 +43,7 @@ from pyro_vae.evaluation import ELBOResult, MeanSE, evaluate_elbo
 from pyro_vae.model import VAE
 from pyro_vae.objectives import make_objective
 from pyro_vae.optim import GuardedSVI, SingleOptimizer, adamw
+from pyro_vae.schedules import kl_scaled, make_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class EpochRecord(NamedTuple):
     test_kl: MeanSE
     seconds: float
     grad_norm: float
+    kl_weight: float | None = None  # the KL schedule's value after the epoch; None without a schedule
 
     def to_json(self) -> dict:
         return {
@@ -83,6 +85,7 @@ class EpochRecord(NamedTuple):
             "test_kl": self.test_kl.mean,
             "seconds": self.seconds,
             "grad_norm": self.grad_norm,
+            "kl_weight": self.kl_weight,
         }
 
 
@@ -423,9 +426,14 @@ def fit(
     optimizer = adamw(
         tc.lr, tc.weight_decay, clip_norm=tc.clip_norm, on_nonfinite=tc.on_nonfinite, max_skips=tc.max_skips
     )
-    svi = GuardedSVI(vae.model, vae.guide, optimizer, make_objective(tc.objective, tc.num_particles))
     #: Stateful schedules whose state_dict goes into the checkpoint, by name.
     schedules: dict[str, Any] = {}
+    model, guide = vae.model, vae.guide
+    kl_schedule = make_schedule(tc.kl_schedule)
+    if kl_schedule is not None:
+        schedules["kl"] = kl_schedule
+        model, guide = kl_scaled(model, guide, kl_schedule)  # weights the latent site of both programs together
+    svi = GuardedSVI(model, guide, optimizer, make_objective(tc.objective, tc.num_particles))
 
     losses: list[float] = []
     epochs: list[EpochRecord] = []
@@ -527,6 +535,8 @@ def fit(
                         logger.info("the skipped batch was batch %d of epoch %d (step %d)", batch.step, epoch, step + 1)
                     losses.append(loss)
                     step += 1
+                    if kl_schedule is not None:
+                        kl_schedule.step()
                     bar.update()
                     if step % 10 == 0:
                         bar.set_postfix(elbo=f"{-loss:.2f}")
@@ -555,9 +565,12 @@ def fit(
                         test_kl=result.kl,
                         seconds=seconds,
                         grad_norm=optimizer.grad_norm,
+                        kl_weight=None if kl_schedule is None else kl_schedule.value,
                     )
                     epochs.append(record)
                     logger.info("epoch %d: train ELBO %.2f, test ELBO %s", epoch, record.train_elbo, record.test_elbo)
+                    if kl_schedule is not None:
+                        logger.info("epoch %d: KL weight %.4g (%s schedule)", epoch, record.kl_weight, kl_schedule.name)
                     if metrics_file is not None:
                         metrics_file.write((json.dumps(record.to_json()) + "\n").encode())
                         metrics_file.flush()
