@@ -38,7 +38,7 @@ from tqdm import tqdm
 from pyro_vae.checkpoint import CheckpointDir, atomic_write_bytes, load_checkpoint
 from pyro_vae.config import RunConfig, TrainConfig
 from pyro_vae.data import Dataset, EpochBatches, binarize_eval, check_batch_size, check_likelihood_data
-from pyro_vae.errors import CheckpointError, ConfigError, NonFiniteLossError, PyroVAEError
+from pyro_vae.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PyroVAEError
 from pyro_vae.evaluation import ELBOResult, MeanSE, evaluate_elbo
 from pyro_vae.model import VAE
 from pyro_vae.objectives import make_objective
@@ -401,6 +401,7 @@ def fit(
     check_likelihood_data(data, dc.binarize, vae.likelihood.name)
     if data.input_dim != vae.input_dim:
         raise ConfigError(f"the data have {data.input_dim} values per image but the VAE expects {vae.input_dim}")
+    _check_images(data)
     # The resolved config records what "auto" and "default threads" meant, so that a resume can compare them.
     resolved = config.replace(train={"threads": torch.get_num_threads(), "device": device.type})
     step_hooks = [hook for cb in callbacks if (hook := getattr(cb, "on_step_end", None)) is not None]
@@ -492,16 +493,19 @@ def fit(
 
     def interrupted(signum: int, checkpoint: Path | None, epoch: int, position: int) -> TrainingInterrupted:
         name = signal.Signals(signum).name
-        where = f"interrupted by {name} at step {step} (epoch {epoch}, batch {position} of {n_batches})"
+        where = f"interrupted at step {step} by {name} (epoch {epoch}, batch {position} of {n_batches})"
         if checkpoint is None:
             return TrainingInterrupted(where, signal_number=signum, step=step, checkpoint=None)
         return TrainingInterrupted(
-            f"{where}; checkpoint {checkpoint}; resume with: pyro-vae train --resume {shlex.quote(str(run_dir))}",
+            f"{where}; checkpoint written to {checkpoint}; resume with: pyro-vae train --resume "
+            f"{shlex.quote(str(run_dir))}",
             signal_number=signum,
             step=step,
             checkpoint=checkpoint,
         )
 
+    if run_dir is not None and payload is None:
+        save(_Progress())  # the starting point: a run killed before its first epoch ends can still be resumed
     total_steps = tc.epochs * n_batches
     if tc.max_steps is not None:
         total_steps = min(total_steps, tc.max_steps)
@@ -588,6 +592,29 @@ def fit(
             if metrics_file is not None:
                 metrics_file.close()
     return FitResult(losses, epochs, step, run_dir, optimizer)
+
+
+def _check_images(data: Dataset) -> None:
+    """Refuse images that are not float in [0, 1] and finite. :func:`~pyro_vae.data.load_dataset` validates what it
+    loads; this catches a :class:`~pyro_vae.data.Dataset` built by hand, before one NaN pixel turns every weight into
+    NaN in a single step."""
+    for what, x in (("x_train", data.x_train), ("x_test", data.x_test)):
+        if x.ndim != 2 or x.shape[0] == 0 or not x.is_floating_point():
+            raise DataError(
+                f"data.{what} is a {x.dtype} tensor of shape {tuple(x.shape)} but fit needs float images (N, D), "
+                "N >= 1; load data with pyro_vae.load_dataset, or pass it through pyro_vae.data.validate_images"
+            )
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            first = int((~finite).any(dim=1).nonzero()[0, 0])
+            raise DataError(
+                f"data.{what} contains {int((~finite).sum())} NaN or infinite values (first in image {first}); "
+                "remove or replace those images"
+            )
+        low, high = float(x.min()), float(x.max())
+        if low < 0.0 or high > 1.0:
+            fix = "divide by 255" if high > 1.0 and high <= 255.0 and low >= 0.0 else "rescale them to [0, 1]"
+            raise DataError(f"data.{what} has values in [{low}, {high}] but images must lie in [0, 1]; {fix}")
 
 
 def _locate(out_dir: str | Path | None, resume: bool | str | Path) -> tuple[Path | None, Path | None]:
