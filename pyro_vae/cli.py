@@ -96,6 +96,16 @@ def _nonnegative_int(value: str) -> int:
     return number
 
 
+def _nonnegative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
 def _positive(kind):
     def parse(value: str):
         try:
@@ -213,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="one fresh process per run, so peak memory is per run (default: on)",
     )
+    compare.add_argument(
+        "--nll-k", type=_nonnegative_int, default=1000, help="particles of each run's IS-NLL (default 1000; 0: skip)"
+    )
+    compare.add_argument("--nll-images", type=_positive(int), help="IS-NLL on the first N test images (default: all)")
     compare.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars")
     compare.set_defaults(run=cmd_compare, guide=None, seed=None)
     return parser
@@ -416,7 +430,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         + "\n"
     )
     start = time.perf_counter()
-    result = compare(args.guides, config, seeds, out_dir=out, isolate=args.isolate)
+    result = compare(
+        args.guides,
+        config,
+        seeds,
+        out_dir=out,
+        isolate=args.isolate,
+        nll_k=args.nll_k or None,
+        nll_images=args.nll_images,
+    )
     seconds = time.perf_counter() - start
     if not args.no_figures:
         from pyro_vae.plotting import comparison_figure

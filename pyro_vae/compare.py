@@ -28,8 +28,13 @@ Reported per family (a :class:`CompareRow`):
   in-process it is a lower bound, as the heap reuses memory that earlier runs freed. On systems without ``/proc``
   it is not measured (``None``).
 
-No importance-sampled NLL column yet: it needs the importance-sampling evaluator, which is not in
-:mod:`pyro_vae.evaluation` yet.
+- **IS-NLL** (``nll_k`` particles, 1000 by default): :math:`-\log p(x)` estimated by the importance-weighted bound
+  of :func:`pyro_vae.evaluation.evaluate` with the family's own q as the proposal (nats per image, on the same
+  binarised test split; evaluation seed = the run's seed), mean over seeds ± standard error over seeds. It is an
+  upper bound on the true NLL that tightens as q improves, so it compares the *models* the families trained, while
+  the ELBO also charges each family for its own inference gap. Its time is not part of the seconds per epoch, nor
+  its memory part of the peak. ``nll_images`` restricts it to the first test images (K forward passes of the
+  decoder per image make it cost far more than training on a CPU); the table says how many.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import logging
 import math
 import multiprocessing
 import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -50,9 +56,9 @@ import torch
 from pyro.infer import SVI
 
 from pyro_vae.config import ModelConfig, RunConfig
-from pyro_vae.data import Dataset, derive_seed, load_dataset
+from pyro_vae.data import Dataset, binarize_eval, derive_seed, load_dataset
 from pyro_vae.errors import ConfigError
-from pyro_vae.evaluation import MeanSE, evaluate_elbo
+from pyro_vae.evaluation import DataProtocol, MeanSE, evaluate, evaluate_elbo
 from pyro_vae.guides import make_family
 from pyro_vae.model import VAE
 from pyro_vae.objectives import make_objective
@@ -79,6 +85,10 @@ class SeedRun(NamedTuple):
     :ivar num_weights: trainable numbers in the VAE (encoder, decoder, family).
     :ivar steps: optimiser steps taken.
     :ivar dataset: the data set's name.
+    :ivar nll: importance-sampled NLL after the last epoch, mean over test images ± standard error (``None`` when
+        not evaluated).
+    :ivar nll_seconds: seconds the NLL evaluation took (``None`` when not evaluated).
+    :ivar nll_images: test images the NLL was estimated on.
     """
 
     guide: str
@@ -90,6 +100,9 @@ class SeedRun(NamedTuple):
     num_weights: int
     steps: int
     dataset: str
+    nll: MeanSE | None = None
+    nll_seconds: float | None = None
+    nll_images: int | None = None
 
 
 class CompareRow(NamedTuple):
@@ -103,6 +116,7 @@ class CompareRow(NamedTuple):
     :ivar time_ratio: ``seconds_per_epoch`` over the reference family's (``None`` when it was not compared).
     :ivar peak_memory_mib: largest resident-set growth over the seeds, or ``None`` where it cannot be measured.
     :ivar seeds: number of seeds.
+    :ivar nll: IS-NLL, mean over seeds ± standard error over seeds, or ``None`` when not evaluated.
     """
 
     guide: str
@@ -113,9 +127,11 @@ class CompareRow(NamedTuple):
     time_ratio: float | None
     peak_memory_mib: float | None
     seeds: int
+    nll: MeanSE | None = None
 
 
 _HEADER = ("guide", "raw width", "weights", "test ELBO (nats)", "s/epoch", f"× {REFERENCE_GUIDE}", "peak RSS (MiB)")
+_NLL_HEADER = "IS-NLL (nats)"
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -130,6 +146,7 @@ class CompareResult(NamedTuple):
     :ivar config: the run configuration shared by every run (its model guide and train seed are per run).
     :ivar dataset: the data set's name.
     :ivar isolated: whether each run had its own process.
+    :ivar nll_k: particles of the IS-NLL, or ``None`` when it was not evaluated.
     """
 
     rows: list[CompareRow]
@@ -137,25 +154,41 @@ class CompareResult(NamedTuple):
     config: RunConfig
     dataset: str
     isolated: bool
+    nll_k: int | None = None
+
+    def _header(self) -> tuple[str, ...]:
+        if self.nll_k is None:
+            return _HEADER
+        return (*_HEADER[:4], f"IS-NLL k={self.nll_k} (nats)", *_HEADER[4:])
 
     def _cells(self) -> list[tuple[str, ...]]:
-        return [
-            (
-                row.guide,
-                str(row.num_params),
-                str(row.num_weights),
-                f"{row.test_elbo.mean:.2f} ± {_fmt(row.test_elbo.se, '.2f')}",
-                f"{row.seconds_per_epoch:.2f}",
-                _fmt(row.time_ratio, ".2f"),
-                _fmt(row.peak_memory_mib, ".0f"),
+        cells = []
+        for row in self.rows:
+            nll = () if self.nll_k is None else (f"{row.nll.mean:.2f} ± {_fmt(row.nll.se, '.2f')}",)
+            cells.append(
+                (
+                    row.guide,
+                    str(row.num_params),
+                    str(row.num_weights),
+                    f"{row.test_elbo.mean:.2f} ± {_fmt(row.test_elbo.se, '.2f')}",
+                    *nll,
+                    f"{row.seconds_per_epoch:.2f}",
+                    _fmt(row.time_ratio, ".2f"),
+                    _fmt(row.peak_memory_mib, ".0f"),
+                )
             )
-            for row in self.rows
-        ]
+        return cells
 
     def protocol(self) -> str:
         """One paragraph that says what was run and what the columns mean."""
         tc, mc, dc = self.config.train, self.config.model, self.config.data
         seeds = sorted({run.seed for run in self.runs})
+        nll = (
+            ""
+            if self.nll_k is None
+            else f"; IS-NLL: importance-weighted bound with k={self.nll_k} draws from q per image on the first "
+            f"{self.runs[0].nll_images} test images, likewise"
+        )
         return (
             f"{self.dataset}, binarize={dc.binarize}; L={mc.latent_dim}, hidden {','.join(map(str, mc.hidden_dims))}, "
             f"{mc.likelihood} likelihood; {tc.epochs} epochs of batch {tc.batch_size}"
@@ -163,7 +196,9 @@ class CompareResult(NamedTuple):
             f"objective {tc.objective} with {tc.num_particles} particle(s); seeds {seeds}; "
             f"{'one process per run' if self.isolated else 'all runs in one process'}, "
             f"{tc.threads if tc.threads is not None else torch.get_num_threads()} torch thread(s). "
-            "Test ELBO after the last epoch: mean over seeds ± standard error over seeds. s/epoch: median training "
+            "Test ELBO after the last epoch: mean over seeds ± standard error over seeds"
+            f"{nll}"
+            ". s/epoch: median training "
             f"time of an epoch (SVI steps, no evaluation) over all epochs and seeds; × {REFERENCE_GUIDE}: its ratio "
             f"to {REFERENCE_GUIDE}'s. Peak RSS: growth of the resident set during a run (VmHWM after a reset, minus "
             "RSS at the start), the largest over seeds. Raw width: encoder outputs per image; weights: trainable "
@@ -172,8 +207,9 @@ class CompareResult(NamedTuple):
 
     def table(self) -> str:
         """The table as aligned plain text."""
-        cells = [_HEADER, *self._cells()]
-        widths = [max(len(row[i]) for row in cells) for i in range(len(_HEADER))]
+        header = self._header()
+        cells = [header, *self._cells()]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
         lines = [
             "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
             for row in cells
@@ -184,8 +220,9 @@ class CompareResult(NamedTuple):
     def to_markdown(self) -> str:
         """A Markdown document: the protocol, then the table."""
         lines = ["# Guide families compared", "", self.protocol(), ""]
-        lines.append("| " + " | ".join(_HEADER) + " |")
-        lines.append("| --- | " + " | ".join("---:" for _ in _HEADER[1:]) + " |")
+        header = self._header()
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("| --- | " + " | ".join("---:" for _ in header[1:]) + " |")
         lines += ["| " + " | ".join(cells) + " |" for cells in self._cells()]
         return "\n".join(lines) + "\n"
 
@@ -204,6 +241,9 @@ class CompareResult(NamedTuple):
                 "seconds_per_epoch_median",
                 f"time_ratio_to_{REFERENCE_GUIDE}",
                 "peak_rss_growth_mib",
+                "nll_k",
+                "nll_mean",
+                "nll_se",
             ]
         )
         for row in self.rows:
@@ -218,6 +258,9 @@ class CompareResult(NamedTuple):
                     repr(row.seconds_per_epoch),
                     "" if row.time_ratio is None else repr(row.time_ratio),
                     "" if row.peak_memory_mib is None else repr(row.peak_memory_mib),
+                    "" if self.nll_k is None else self.nll_k,
+                    "" if row.nll is None else repr(row.nll.mean),
+                    "" if row.nll is None else repr(row.nll.se),
                 ]
             )
         return out.getvalue()
@@ -226,7 +269,19 @@ class CompareResult(NamedTuple):
         """Every (family, seed) run as CSV."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["guide", "seed", "test_elbo", "test_elbo_se", "median_epoch_seconds", "peak_rss_growth_mib"])
+        writer.writerow(
+            [
+                "guide",
+                "seed",
+                "test_elbo",
+                "test_elbo_se",
+                "median_epoch_seconds",
+                "peak_rss_growth_mib",
+                "nll",
+                "nll_se",
+                "nll_seconds",
+            ]
+        )
         for run in self.runs:
             writer.writerow(
                 [
@@ -236,6 +291,9 @@ class CompareResult(NamedTuple):
                     repr(run.test_elbo.se),
                     repr(statistics.median(run.epoch_seconds)),
                     "" if run.peak_memory_mib is None else repr(run.peak_memory_mib),
+                    "" if run.nll is None else repr(run.nll.mean),
+                    "" if run.nll is None else repr(run.nll.se),
+                    "" if run.nll_seconds is None else repr(run.nll_seconds),
                 ]
             )
         return out.getvalue()
@@ -322,8 +380,16 @@ def _warm_up(config: RunConfig, input_dim: int) -> None:
         evaluate_elbo(vae, x)
 
 
-def _run(guide: str, seed: int, config: RunConfig, data: Dataset | None, run_dir: Path | None) -> SeedRun:
-    """Train one family with one seed; loads the data when not given (in a child process)."""
+def _run(
+    guide: str,
+    seed: int,
+    config: RunConfig,
+    data: Dataset | None,
+    run_dir: Path | None,
+    nll_k: int | None,
+    nll_images: int | None,
+) -> SeedRun:
+    """Train one family with one seed, then estimate its NLL; loads the data when not given (in a child process)."""
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
     if data is None:
@@ -335,6 +401,16 @@ def _run(guide: str, seed: int, config: RunConfig, data: Dataset | None, run_dir
         result = fit(vae, data, run_config, out_dir=run_dir)
     if not result.epochs:
         raise ConfigError(f"the run of {guide} with seed {seed} finished no epoch; raise --max-steps or --epochs")
+    nll = nll_seconds = None
+    if nll_k is not None:
+        dc = run_config.data
+        x_test = binarize_eval(data.x_test, dc.binarize, seed, dc.threshold)[:nll_images]  # the ELBO's images
+        x_test = x_test.to(next(vae.parameters()).device)
+        protocol = DataProtocol(data.name, "test", dc.binarize, None if dc.binarize == "none" else seed)
+        start = time.perf_counter()
+        nll = evaluate(vae, x_test, ks=(nll_k,), protocol=protocol, seed=seed).nll
+        nll_seconds = time.perf_counter() - start
+        nll_images = x_test.shape[0]
     return SeedRun(
         guide=guide,
         seed=seed,
@@ -345,6 +421,9 @@ def _run(guide: str, seed: int, config: RunConfig, data: Dataset | None, run_dir
         num_weights=sum(p.numel() for p in vae.parameters() if p.requires_grad),
         steps=result.steps,
         dataset=data.name,
+        nll=nll,
+        nll_seconds=nll_seconds,
+        nll_images=nll_images,
     )
 
 
@@ -355,6 +434,12 @@ def _summarise(guides: Sequence[str], runs: list[SeedRun]) -> list[CompareRow]:
         elbos = [run.test_elbo.mean for run in mine]
         se = statistics.stdev(elbos) / math.sqrt(len(elbos)) if len(elbos) > 1 else float("nan")
         memory = [run.peak_memory_mib for run in mine if run.peak_memory_mib is not None]
+        nlls = [run.nll.mean for run in mine if run.nll is not None]
+        nll = None
+        if nlls:
+            nll = MeanSE(
+                statistics.fmean(nlls), statistics.stdev(nlls) / math.sqrt(len(nlls)) if len(nlls) > 1 else math.nan
+            )
         rows.append(
             CompareRow(
                 guide=guide,
@@ -365,6 +450,7 @@ def _summarise(guides: Sequence[str], runs: list[SeedRun]) -> list[CompareRow]:
                 time_ratio=None,
                 peak_memory_mib=max(memory) if memory else None,
                 seeds=len(mine),
+                nll=nll,
             )
         )
     reference = next((row for row in rows if row.guide == REFERENCE_GUIDE), None)
@@ -393,6 +479,8 @@ def compare(
     data: Dataset | None = None,
     out_dir: str | Path | None = None,
     isolate: bool = False,
+    nll_k: int | None = 1000,
+    nll_images: int | None = None,
 ) -> CompareResult:
     """Train every family in ``guides`` with every seed under the same protocol, and tabulate.
 
@@ -405,6 +493,8 @@ def compare(
         (``compare.md``, ``compare.csv``, ``runs.csv``); ``None`` writes nothing.
     :param bool isolate: run every (family, seed) in a fresh process, one at a time, so that memory is measured per
         run; the data are then loaded in each process, and ``data`` must be ``None``.
+    :param nll_k: particles of the importance-sampled NLL of every run (default 1000); ``None`` skips it.
+    :param nll_images: estimate the NLL on the first this many test images (default ``None``: all of them).
     :returns: a :class:`CompareResult`, rows in the order of ``guides``.
     """
     config = config or RunConfig()
@@ -414,6 +504,10 @@ def compare(
         raise ConfigError(f"seeds must be a non-empty list of integers >= 0, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds must be distinct, got {seeds!r}")
+    if nll_k is not None and (isinstance(nll_k, bool) or not isinstance(nll_k, int) or nll_k <= 0):
+        raise ConfigError(f"nll_k must be a positive integer (particles per image) or None, got {nll_k!r}")
+    if nll_images is not None and (isinstance(nll_images, bool) or not isinstance(nll_images, int) or nll_images <= 0):
+        raise ConfigError(f"nll_images must be a positive integer or None (all test images), got {nll_images!r}")
     if isolate and data is not None:
         raise ConfigError("isolate=True loads the data in each run's process from config.data; pass data=None")
     if not isolate and data is None:
@@ -430,13 +524,13 @@ def compare(
         for guide, seed, run_dir in jobs:
             # a fresh process per run (max_tasks_per_child would need Python 3.11)
             with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                runs.append(pool.submit(_run, guide, seed, config, None, run_dir).result())
+                runs.append(pool.submit(_run, guide, seed, config, None, run_dir, nll_k, nll_images).result())
             logger.info("%s seed %d: test ELBO %s", guide, seed, runs[-1].test_elbo)
     else:
         for guide, seed, run_dir in jobs:
-            runs.append(_run(guide, seed, config, data, run_dir))
+            runs.append(_run(guide, seed, config, data, run_dir, nll_k, nll_images))
             logger.info("%s seed %d: test ELBO %s", guide, seed, runs[-1].test_elbo)
-    result = CompareResult(_summarise(guides, runs), runs, config, runs[0].dataset, isolate)
+    result = CompareResult(_summarise(guides, runs), runs, config, runs[0].dataset, isolate, nll_k)
     if out is not None:
         result.write(out)
     return result

@@ -11,8 +11,9 @@ import torch
 from pyro_vae import DataConfig, RunConfig, cli, fit, load_dataset
 from pyro_vae.compare import CompareResult, SeedRun, _summarise, compare, initial_vae
 from pyro_vae.config import ModelConfig
+from pyro_vae.data import binarize_eval
 from pyro_vae.errors import ConfigError
-from pyro_vae.evaluation import MeanSE
+from pyro_vae.evaluation import MeanSE, evaluate
 
 TINY_DATA = DataConfig(n_train=300, n_test=100)
 TINY_MODEL = ModelConfig(latent_dim=2, hidden_dims=(32, 16))
@@ -25,17 +26,22 @@ def data():
 
 
 def test_a_row_equals_a_separate_single_family_run(data):
-    result = compare(["mvn_diag", "full_rank", "iaf:2"], TINY, seeds=[0, 1], data=data)
+    result = compare(["mvn_diag", "full_rank", "iaf:2"], TINY, seeds=[0, 1], data=data, nll_k=20, nll_images=30)
     assert [row.guide for row in result.rows] == ["mvn_diag", "full_rank", "iaf:2"]
     row_runs = {(run.guide, run.seed): run for run in result.runs}
     for guide in ("full_rank", "iaf:2"):
         config = TINY.replace(model={"guide": guide}, train={"seed": 1})
-        alone = fit(initial_vae(config.model, data.input_dim, seed=1), data, config)
+        vae = initial_vae(config.model, data.input_dim, seed=1)
+        alone = fit(vae, data, config)
         assert row_runs[(guide, 1)].test_elbo == alone.test_elbo
         assert row_runs[(guide, 1)].steps == alone.steps
+        x_test = binarize_eval(data.x_test, "dynamic", 1)[:30]
+        assert row_runs[(guide, 1)].nll == evaluate(vae, x_test, ks=(20,), seed=1).nll
     # and a comparison of that family alone gives the same row
-    single = compare(["iaf:2"], TINY, seeds=[0, 1], data=data)
-    assert single.rows[0].test_elbo == result.rows[2].test_elbo
+    single = compare(["iaf:2"], TINY, seeds=[0, 1], data=data, nll_k=20, nll_images=30)
+    assert single.rows[0].test_elbo == result.rows[2].test_elbo and single.rows[0].nll == result.rows[2].nll
+    nlls = [row_runs[("iaf:2", s)].nll.mean for s in (0, 1)]
+    assert result.rows[2].nll.mean == pytest.approx(statistics.fmean(nlls))
 
 
 def test_shared_parts_start_identical_across_families():
@@ -77,7 +83,7 @@ def test_summary_statistics():
 
 def test_tables_and_files(data, tmp_path):
     result = compare(
-        ["mvn_diag", "low_rank"], TINY.replace(train={"epochs": 1}), seeds=[0], data=data, out_dir=tmp_path
+        ["mvn_diag", "low_rank"], TINY.replace(train={"epochs": 1}), seeds=[0], data=data, out_dir=tmp_path, nll_k=None
     )
     assert isinstance(result, CompareResult)
     for name in ("compare.md", "compare.csv", "runs.csv"):
@@ -89,6 +95,7 @@ def test_tables_and_files(data, tmp_path):
     assert float(rows[1]["test_elbo_mean"]) == result.rows[1].test_elbo.mean
     markdown = (tmp_path / "compare.md").read_text()
     assert "| mvn_diag |" in markdown and "embedded-fashion-mnist" in markdown and "n/a" in markdown
+    assert "IS-NLL" not in markdown and rows[0]["nll_mean"] == ""
     assert result.table().splitlines()[0].startswith("guide")
 
 
@@ -101,6 +108,8 @@ def test_tables_and_files(data, tmp_path):
         ({"guides": ["mvn_diag"], "seeds": []}, "seeds must be"),
         ({"guides": ["mvn_diag"], "seeds": [-1]}, "seeds must be"),
         ({"guides": ["mvn_diag"], "isolate": True, "data": "given"}, "pass data=None"),
+        ({"guides": ["mvn_diag"], "nll_k": 0}, "nll_k must be a positive integer"),
+        ({"guides": ["mvn_diag"], "nll_images": 0}, "nll_images must be a positive integer"),
     ],
 )
 def test_bad_input_is_refused_before_training(kwargs, words, data):
@@ -113,9 +122,10 @@ def test_bad_input_is_refused_before_training(kwargs, words, data):
 
 def test_isolated_runs_match_in_process_runs_and_measure_memory(data):
     config = TINY.replace(train={"epochs": 1})
-    isolated = compare(["mvn_diag"], config, seeds=[0], isolate=True)
-    in_process = compare(["mvn_diag"], config, seeds=[0], data=data)
+    isolated = compare(["mvn_diag"], config, seeds=[0], isolate=True, nll_k=10)
+    in_process = compare(["mvn_diag"], config, seeds=[0], data=data, nll_k=10)
     assert isolated.runs[0].test_elbo == in_process.runs[0].test_elbo
+    assert isolated.runs[0].nll == in_process.runs[0].nll
     assert isolated.isolated and isolated.runs[0].peak_memory_mib is not None
     assert isolated.runs[0].peak_memory_mib >= 0
 
@@ -123,9 +133,10 @@ def test_isolated_runs_match_in_process_runs_and_measure_memory(data):
 def test_cli_compare(tmp_path, capsys):
     args = ["compare", "--guides", "mvn_diag,sylvester:2", "--seeds", "2", "--epochs", "1", "--n-train", "200"]
     args += ["--n-test", "50", "--batch-size", "100", "--hidden-dims", "32,16", "--latent-dim", "2", "--no-isolate"]
+    args += ["--nll-k", "10", "--nll-images", "20"]
     assert cli.main([*args, "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split()[0] == "guide" and "sylvester:2" in out
+    assert out.splitlines()[0].split()[0] == "guide" and "sylvester:2" in out and "IS-NLL k=10" in out
     for name in ("compare.md", "compare.csv", "runs.csv", "compare.png", "config.json"):
         assert (tmp_path / "c" / name).is_file(), name
     assert cli.main([*args, "--out", str(tmp_path / "c")]) == 2  # an existing comparison is not overwritten
