@@ -8,14 +8,16 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
-from pyro_vae.config import BINARIZATIONS, DATASETS, DEVICES, RunConfig
+from pyro_vae.config import BINARIZATIONS, DATASETS, DEVICES, NONFINITE_POLICIES, RunConfig
 from pyro_vae.errors import ConfigError, PyroVAEError, unknown_choice
 
 #: Registered guide families. Kept here, free of torch imports, so that ``--help`` is fast; a test checks that it
@@ -49,6 +51,13 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line on stderr (exit 2), without the usage block."""
 
     def error(self, message: str):
+        # argparse's "invalid choice" names the choices but not the closest one; add it, as unknown_choice does.
+        match = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if match:
+            choices = re.findall(r"'([^']*)'", match.group(2))
+            close = difflib.get_close_matches(match.group(1), choices, n=1)
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -159,6 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n-test", type=_positive(int), help="use only the first N test images")
     train.add_argument("--out", type=Path, help="run directory (default runs/<guide>-<time>)")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the run in DIR from its newest checkpoint (or from a checkpoint file DIR/last.prev.pt); "
+        "its settings are reused, and flags may change only epochs, max-steps and the checkpoint/non-finite options",
+    )
+    train.add_argument(
+        "--force-resume", action="store_true", help="resume even though seed, batch size, data, model, ... changed"
+    )
+    train.add_argument("--checkpoint-every", type=_positive(int), metavar="N", help="also checkpoint every N steps")
+    train.add_argument("--keep-last", type=_positive(int), metavar="K", help="checkpoints to keep (default 2)")
+    train.add_argument(
+        "--on-nonfinite",
+        choices=NONFINITE_POLICIES,
+        help="on a NaN/inf loss or gradient: raise (default) or skip the batch",
+    )
+    train.add_argument("--max-skips", type=int, metavar="N", help="with --on-nonfinite skip: most batches skipped")
     train.add_argument("--no-figures", action="store_true", help="do not write PNG figures")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar (default: on a TTY)")
     train.set_defaults(run=cmd_train)
@@ -233,9 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------------------------------------
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The run config: the ``--config`` file (or defaults) with every given flag applied on top."""
-    config = RunConfig()
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """The run config: ``base`` (default: the defaults) with the ``--config`` file and then every given flag applied on
+    top. With a ``base`` (a resumed run's config), the file changes only the keys it names."""
+    config = base or RunConfig()
     if args.config is not None:
         try:
             text = args.config.read_text()
@@ -245,6 +273,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raw = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"config file {args.config} is not valid JSON: {err}") from None
+        if base is not None and isinstance(raw, dict):
+            merged = base.to_dict()
+            for section, values in raw.items():
+                merged[section] = {**merged.get(section, {}), **values} if isinstance(values, dict) else values
+            raw = merged
         config = RunConfig.from_dict(raw)
     data, model, train = {}, {}, {}
     if args.data_path is not None:
@@ -273,8 +306,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         ("threads", train, "threads"),
         ("max_steps", train, "max_steps"),
         ("progress", train, "progress"),
+        ("checkpoint_every", train, "checkpoint_every"),
+        ("keep_last", train, "keep_last"),
+        ("on_nonfinite", train, "on_nonfinite"),
+        ("max_skips", train, "max_skips"),
     ):
-        value = getattr(args, key)
+        value = getattr(args, key, None)
         if value is not None:
             section[field] = value
     if args.hidden_dims is not None:
@@ -300,17 +337,60 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"run directory {out} is not writable; choose another --out")
 
 
+def _check_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a bad or occupied ``--out`` before anything is loaded; :func:`pyro_vae.train.fit` creates it, after the
+    data have been validated, so that a bad input leaves nothing behind."""
+    if any(part == ".." for part in out.parts) or "\0" in str(out):
+        raise ConfigError(f"--out {str(out)!r} must not contain '..' or NUL; give the run directory plainly")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory; choose another --out")
+    if out.is_dir() and not overwrite and ((out / "config.json").exists() or any(out.glob("last*.pt"))):
+        raise ConfigError(
+            f"{out} already holds a run; pass --resume {out} to continue it, --overwrite to replace it, "
+            "or choose another --out"
+        )
+
+
+def _resume_target(args: argparse.Namespace) -> tuple[Path, Path, RunConfig]:
+    """``(run directory, checkpoint, saved config)`` for ``--resume DIR`` or ``--resume DIR/last.prev.pt``."""
+    from pyro_vae.checkpoint import CheckpointDir, load_checkpoint
+
+    target = args.resume
+    if args.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it; pass one of them")
+    if target.is_dir():
+        run_dir, checkpoint = target, CheckpointDir(target).latest()
+        if checkpoint is None:
+            raise ConfigError(
+                f"--resume {target}: the directory holds no checkpoint; start the run with --out {target} --overwrite"
+            )
+    elif target.is_file():
+        run_dir, checkpoint = target.parent, target
+    else:
+        raise ConfigError(f"--resume {target}: no such run directory or checkpoint file")
+    if args.out is not None and args.out.resolve() != run_dir.resolve():
+        raise ConfigError(f"--resume continues the run in {run_dir}; leave out --out {args.out}")
+    return run_dir, checkpoint, RunConfig.from_dict(load_checkpoint(checkpoint)["config"])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    out = args.out or Path("runs") / f"{config.model.guide.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _prepare_out_dir(out, args.overwrite)
+    resume = None
+    if args.resume is not None:
+        out, resume, saved = _resume_target(args)
+        config = config_from_args(args, base=saved)
+    else:
+        if args.force_resume:
+            raise ConfigError("--force-resume only applies with --resume DIR")
+        config = config_from_args(args)
+        out = args.out or Path("runs") / f"{config.model.guide.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        _check_run_dir(out, args.overwrite)
 
     import pyro
     import torch
 
     from pyro_vae.data import load_dataset
     from pyro_vae.model import VAE
-    from pyro_vae.train import fit
+    from pyro_vae.train import TrainingInterrupted, fit
 
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
@@ -328,7 +408,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.train.batch_size,
     )
     start = time.perf_counter()
-    result = fit(vae, data, config, out_dir=out)
+    try:
+        result = fit(
+            vae,
+            data,
+            config,
+            out_dir=out,
+            resume=resume if resume is not None else False,
+            overwrite=args.overwrite,
+            force_resume=args.force_resume,
+        )
+    except TrainingInterrupted as err:
+        print(f"pyro-vae: {err}", file=sys.stderr)
+        return err.exit_code
     seconds = time.perf_counter() - start
     if not args.no_figures:
         from pyro_vae.plotting import save_run_figures
