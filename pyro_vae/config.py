@@ -27,6 +27,12 @@ ACTIVATIONS = ("silu", "relu", "gelu", "tanh", "softplus")
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
+def _close(name: str, choices) -> list[str]:
+    import difflib
+
+    return difflib.get_close_matches(str(name), sorted(choices), n=1)
+
+
 def _choice(what: str, value: str, choices) -> None:
     if value not in choices:
         raise unknown_choice(what, value, choices)
@@ -306,7 +312,11 @@ class RunConfig:
             known = {f.name for f in dataclasses.fields(klass)}
             bad = set(section) - known
             if bad:
-                raise ConfigError(f"unknown key(s) {sorted(bad)} in config section {name!r}; known: {sorted(known)}")
+                hints = [f"{key!r} → {close[0]!r}" for key in sorted(bad) if (close := _close(key, known))]
+                raise ConfigError(
+                    f"unknown key(s) {sorted(bad)} in config section {name!r}; known: {sorted(known)}"
+                    + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                )
             parts[name] = klass(**section)
         return cls(**parts)
 
