@@ -11,9 +11,10 @@ the log importance weight is
 
 Each site's log-density is read from the traces that :func:`pyro.infer.enum.get_importance_trace` builds and is
 laid out as ``(K, B)``: particles first, data points second. The data plate's minibatch scale N/B is taken *out* of
-every term, because it multiplies the per-data-point bound and does not belong inside the log-sum-exp (taking the
-log-sum-exp over the whole batch is the defect of ``RenyiELBO(alpha=0)``, Pyro #3104). Any other scale on a site
-(for instance a KL weight β from :mod:`pyro_vae.schedules`) stays on that site's term.
+every term, because it multiplies the per-data-point bound and does not belong inside the log-sum-exp. (Pyro's
+``RenyiELBO(alpha=0)`` sums its sites' *scaled* log-densities before the log-sum-exp, so with a subsampled data plate
+its log-sum-exp runs over N/B times the log-weights, which is not a scaled IW bound; see Pyro #3104.) Any other scale
+on a site (for instance a KL weight β from :mod:`pyro_vae.schedules`) stays on that site's term.
 
 This module also holds :class:`MeanSE`, the mean-and-standard-error record every reported number uses.
 """

@@ -85,7 +85,8 @@ class IWAE_ELBO(ELBO):
 
     so the minibatch loss is an unbiased estimate of the full-data bound, like Pyro's other ELBOs. The N/B scale of
     the data plate multiplies each data point's bound; it is not inside the log-sum-exp, and neither are the other
-    data points (unlike ``RenyiELBO(alpha=0)``, Pyro #3104). With K = 1 the bound is the ELBO. Any other scale on a
+    data points. (``RenyiELBO(alpha=0)`` takes its log-sum-exp over the plate-scaled log-weights, so under
+    subsampling it is not (N/B) times the IW bound; Pyro #3104.) With K = 1 the bound is the ELBO. Any other scale on a
     latent site (a KL weight β from :mod:`pyro_vae.schedules`) multiplies that site's log-densities inside
     :math:`\log w`.
 

@@ -56,6 +56,7 @@ def posterior(vae, x):
 def gaussian_kl(m0, s0, m1, s1):
     """KL(N(m0, s0) ‖ N(m1, s1)) for rows of means ``(B, L)`` and covariances ``(B, L, L)`` or ``(L, L)``."""
     m0, m1 = np.atleast_2d(m0), np.atleast_2d(m1)
+    m1 = np.broadcast_to(m1, m0.shape)
     s0 = np.broadcast_to(s0, (m0.shape[0], *np.shape(s0)[-2:]))
     s1 = np.broadcast_to(s1, (m0.shape[0], *np.shape(s1)[-2:]))
     out = []

@@ -1,0 +1,273 @@
+"""The evaluator: IS log-likelihoods, the ELBO's parts, active units and protocols, against closed forms."""
+
+import json
+import math
+
+import numpy as np
+import pyro.distributions as dist
+import pytest
+import torch
+from reference_linear_gaussian import (
+    diagonal_q,
+    gaussian_kl,
+    log_marginal,
+    make_model,
+    numpy_params,
+    posterior,
+    set_diagonal_encoder,
+    set_encoder_to_posterior,
+)
+
+from pyro_vae import cli
+from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from pyro_vae.data import load_dataset
+from pyro_vae.errors import ConfigError, DataError
+from pyro_vae.evaluation import (
+    DataProtocol,
+    EvalResult,
+    ProtocolMismatchError,
+    evaluate,
+    evaluate_elbo,
+    side_by_side,
+)
+from pyro_vae.guides import GuideFamily
+from pyro_vae.linear_gaussian import LinearGaussianVAE
+from pyro_vae.model import VAE
+from pyro_vae.train import fit
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: one thread avoids OpenMP contention on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _data(vae, n, seed):
+    return vae.sample_data(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _expected_reconstruction(vae, x):
+    """E_q[log N(x; W z + b, σ² I)] = -D/2 log(2πσ²) - (‖x - W μ - b‖² + tr(W Σ_q Wᵀ)) / (2σ²), per row."""
+    w, b, sigma = numpy_params(vae)
+    mean, cov = diagonal_q(vae, x)
+    resid = np.asarray(x) - mean @ w.T - b
+    trace = np.einsum("dl,blm,dm->b", w, cov, w)
+    return -0.5 * len(b) * math.log(2 * math.pi * sigma**2) - ((resid**2).sum(-1) + trace) / (2 * sigma**2)
+
+
+def test_exact_guide_gives_log_px_at_every_k_and_every_chunking(float64):
+    """q = p(z | x) (orthogonal columns): every weight is p(x), so every bound (k = 1 is the Monte Carlo ELBO) is
+    log p(x) with zero noise, whatever the chunking of particles and images."""
+    vae = make_model(D=5, L=2, seed=0, orthogonal=True)
+    set_encoder_to_posterior(vae)
+    x = _data(vae, 30, 0)
+    exact = log_marginal(vae, x)
+    results = [evaluate(vae, x, (1, 3, 10), chunk_size=c) for c in (7, 64, 10_000)]
+    for result in results:
+        for bound in result.bounds:
+            assert bound.log_px.mean == pytest.approx(exact.mean(), abs=1e-9)
+            assert bound.log_px.se == pytest.approx(exact.std(ddof=1) / math.sqrt(30), rel=1e-8)
+        assert result.nll.mean == pytest.approx(-exact.mean(), abs=1e-9)
+    assert [b.groups for b in results[0].bounds] == [10, 3, 1]
+
+
+def test_elbo_parts_match_closed_forms(float64):
+    vae = make_model(D=4, L=3, seed=1)
+    x = _data(vae, 50, 1)
+    result = evaluate(vae, x, (1, 200))
+    q_mean, q_cov = diagonal_q(vae, x)
+    kl = gaussian_kl(q_mean, q_cov, np.zeros(3), np.eye(3))
+    assert result.kl_method == "analytic"
+    assert result.kl.mean == pytest.approx(kl.mean(), rel=1e-10)
+    # The reconstruction averages 200 draws per image; its Monte Carlo error is far below the spread over images
+    # that its standard error measures, so 4 of those standard errors is a loose but valid bound here, and the
+    # k = 1 bound (the Monte Carlo ELBO from the same draws) lies within the same distance of the analytic ELBO.
+    assert abs(result.reconstruction.mean - _expected_reconstruction(vae, x).mean()) < 4 * result.reconstruction.se
+    assert abs(result.bound(1).log_px.mean - result.elbo.mean) < 4 * result.elbo.se
+    p_mean, p_cov = posterior(vae, x)
+    closed_elbo = log_marginal(vae, x) - gaussian_kl(q_mean, q_cov, p_mean, p_cov)
+    assert abs(result.elbo.mean - closed_elbo.mean()) < 4 * result.elbo.se
+    bits = 1 / (4 * math.log(2))
+    assert result.bound(200).bits_per_dim.mean == pytest.approx(-result.bound(200).log_px.mean * bits, rel=1e-12)
+
+
+def test_iw_bounds_are_non_decreasing_in_k_and_the_nll_is_unbiased(float64):
+    """With k dividing the next k, each group of 10k particles is ten groups of k, so by Jensen every image's
+    estimate can only grow with k. At K = 1000 the estimate is unbiased for log p(x) to within its Monte Carlo
+    error: over R = 10 independent evaluations of the same images, the mean difference to the exact mean log p(x)
+    is within 4 standard errors (std over the evaluations / √R)."""
+    vae = make_model(D=4, L=2, seed=2)
+    x = _data(vae, 100, 2)
+    mean, cov = posterior(vae, x.numpy())
+    w, b, sigma = numpy_params(vae)
+    gain = cov @ w.T / sigma**2
+    # Posterior means with inflated marginal scales: a good but inexact proposal with bounded weights.
+    set_diagonal_encoder(vae, gain, -gain @ b, 1.3 * np.sqrt(np.diag(cov)))
+    exact = log_marginal(vae, x).mean()
+    nll = []
+    for seed in range(10):
+        result = evaluate(vae, x, (1, 10, 100, 1000), seed=seed)
+        means = [bound.log_px.mean for bound in result.bounds]
+        assert means == sorted(means) and means[0] < means[-1] - 0.01
+        nll.append(result.nll.mean)
+    nll = np.array(nll)
+    assert abs(nll.mean() + exact) < 4 * nll.std(ddof=1) / math.sqrt(len(nll))
+    # The reported standard error is over images, so it also covers the spread of log p(x) between images.
+    assert abs(nll[0] + exact) < result.nll.se
+
+
+def test_memory_is_bounded_by_the_chunk_size(float64):
+    vae = make_model(D=4, L=2, seed=3)
+    x = _data(vae, 20, 3)
+    rows = []
+    hook = vae.decoder.register_forward_hook(lambda module, args, out: rows.append(args[0][..., 0].numel()))
+    try:
+        for ks, chunk in (((1, 100), 64), ((1, 10), 64), ((5,), 3)):
+            rows.clear()
+            evaluate(vae, x, ks, chunk_size=chunk)
+            assert max(rows) <= chunk and sum(rows) == 20 * (max(ks) + 1)  # + 1: the unexpanded pass per image
+    finally:
+        hook.remove()
+
+
+def test_evaluation_has_its_own_rng_stream(float64):
+    vae = make_model(D=4, L=2, seed=4)
+    x = _data(vae, 10, 4)
+    state = torch.get_rng_state()
+    first = evaluate(vae, x, (1, 10), seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert evaluate(vae, x, (1, 10), seed=3) == first
+    assert evaluate(vae, x, (1, 10), seed=4).bound(10) != first.bound(10)
+    assert vae.training  # restored after evaluation
+
+
+def test_active_units_and_kl_per_dimension(float64):
+    """Dimension 1 is switched off (W column 0, encoder mean 0): inactive, zero KL; dimension 0 is active."""
+    vae = make_model(D=4, L=2, seed=5, zero_columns=(1,))
+    rng = np.random.default_rng(5)
+    loc_weight = rng.normal(size=(2, 4))
+    loc_weight[1] = 0.0
+    set_diagonal_encoder(vae, loc_weight, np.zeros(2), np.array([0.5, 1.0]))
+    x = _data(vae, 40, 5)
+    result = evaluate(vae, x, (1, 5))
+    means, cov = diagonal_q(vae, x)
+    np.testing.assert_allclose(result.latent_activity, means.var(0, ddof=1), rtol=1e-10, atol=1e-14)
+    assert result.active_units == 1 and result.latent_activity[1] == 0.0
+    # KL(N(μ, s²) ‖ N(0, 1)) per dimension = (s² + μ² - 1 - log s²) / 2, averaged over images.
+    var = np.stack([np.diag(c) for c in cov])
+    per_dim = (0.5 * (var + means**2 - 1 - np.log(var))).mean(0)
+    np.testing.assert_allclose(result.kl_per_dim, per_dim, rtol=1e-10, atol=1e-14)
+    assert result.kl_per_dim[1] == pytest.approx(0.0, abs=1e-12)
+    assert sum(result.kl_per_dim) == pytest.approx(result.kl.mean, rel=1e-10)  # a diagonal q: the KLs add up
+
+
+class _ShiftedNormal(GuideFamily):
+    """A diagonal Gaussian written as an affine transform of N(loc, scale), for which no KL is registered."""
+
+    name = "shifted_normal"
+
+    @property
+    def num_params(self):
+        return 2 * self.latent_dim
+
+    def forward(self, raw, context=None):
+        loc, raw_scale = raw.split(self.latent_dim, dim=-1)
+        base = dist.Normal(loc, torch.nn.functional.softplus(raw_scale) + 1e-5).to_event(1)
+        return dist.TransformedDistribution(base, [dist.transforms.AffineTransform(0.5, 1.0, event_dim=1)])
+
+
+def test_families_without_an_analytic_kl_use_monte_carlo(float64):
+    torch.manual_seed(0)
+    vae = LinearGaussianVAE(4, 2, guide=_ShiftedNormal(2)).double()
+    x = _data(vae, 10, 6)
+    result = evaluate(vae, x, (1, 8))
+    assert result.kl_method == "monte_carlo" and result.kl_per_dim is None
+    # With the Monte Carlo KL from the same draws, the ELBO is the k = 1 bound exactly.
+    assert result.elbo.mean == pytest.approx(result.bound(1).log_px.mean, rel=1e-12)
+
+
+def test_protocols_side_by_side_and_json(float64):
+    vae = make_model(D=4, L=2, seed=7)
+    x = _data(vae, 12, 7)
+    protocol = DataProtocol("synthetic", "test", "none", None)
+    a = evaluate(vae, x, (1, 4), protocol=protocol)
+    b = evaluate(vae, x, (1, 4), protocol=protocol, seed=1)
+    table = side_by_side({"first": a, "second": b})
+    assert "first" in table and "second" in table and "log p(x), k=4" in table and "synthetic test split" in table
+    assert EvalResult.from_json(json.loads(json.dumps(a.to_json()))) == a
+    for other in (
+        evaluate(vae, x, (1, 5), protocol=protocol),
+        evaluate(vae, x[:6], (1, 4), protocol=protocol),
+        evaluate(vae, x, (1, 4), protocol=protocol._replace(binarize="dynamic", binarize_seed=0)),
+    ):
+        with pytest.raises(ProtocolMismatchError, match="refusing to compare"):
+            side_by_side({"a": a, "b": other})
+    with pytest.raises(ProtocolMismatchError, match="ks: \\(1, 4\\) vs \\(1, 5\\)"):
+        side_by_side({"a": a, "b": evaluate(vae, x, (1, 5), protocol=protocol)})
+    assert "active units" in a.table() and "binarize=none" in a.table()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"ks": ()}, ConfigError, "non-empty sequence of positive integers"),
+        ({"ks": (1, 0)}, ConfigError, "non-empty sequence of positive integers"),
+        ({"ks": 5}, ConfigError, "must be a sequence"),
+        ({"chunk_size": 0}, ConfigError, "chunk_size must be a positive integer"),
+    ],
+)
+def test_bad_arguments(float64, kwargs, error, message):
+    vae = make_model(D=4, L=2, seed=8)
+    with pytest.raises(error, match=message):
+        evaluate(vae, _data(vae, 3, 8), **kwargs)
+
+
+def test_empty_data_is_refused(float64):
+    vae = make_model(D=4, L=2, seed=8)
+    with pytest.raises(DataError, match="N >= 1"):
+        evaluate(vae, torch.zeros(0, 4))
+
+
+def test_evaluate_elbo_keeps_working():
+    torch.manual_seed(0)
+    vae = VAE(20, latent_dim=2, hidden_dims=(16, 8))
+    x = torch.bernoulli(torch.full((30, 20), 0.3))
+    result = evaluate_elbo(vae, x, batch_size=7)
+    assert result.num_images == 30 and math.isfinite(result.elbo.mean)
+    assert result.elbo.mean == pytest.approx(result.reconstruction.mean - result.kl.mean)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    config = RunConfig(
+        data=DataConfig(n_train=128, n_test=40),
+        model=ModelConfig(latent_dim=2, hidden_dims=(16, 8)),
+        train=TrainConfig(epochs=1, batch_size=64, progress=False, objective="iwae:3:dreg", kl_schedule="linear:4"),
+    )
+    data = load_dataset(config.data)
+    torch.manual_seed(0)
+    fit(VAE.from_config(config.model, data.input_dim), data, config, out_dir=out)
+    return out
+
+
+def test_cli_evaluate_prints_the_table_and_writes_json(tiny_run, capsys):
+    code = cli.main(
+        ["evaluate", str(tiny_run), "--k", "1,10", "--n", "20", "--gaps", "--gap-images", "5", "--gap-steps", "3"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "log p(x), k=10" in out and "NLL" in out and "amortisation gap" in out
+    record = json.loads((tiny_run / "eval.json").read_text())
+    assert record["num_images"] == 20 and record["ks"] == [1, 10] and record["binarize_seed"] == 0
+    assert record["dataset"] == "embedded-fashion-mnist" and record["likelihood"] == "bernoulli"
+    assert [b["k"] for b in record["log_likelihood"]] == [1, 10] and record["gaps"]["num_images"] == 5
+    assert EvalResult.from_json(record).protocol.num_images == 20
+
+
+def test_cli_evaluate_refuses_too_many_images(tiny_run, capsys):
+    assert cli.main(["evaluate", str(tiny_run), "--n", "41"]) == 2
+    assert "exceeds the run's 40 test images" in capsys.readouterr().err
