@@ -128,6 +128,13 @@ def latent_scatter(
     return fig
 
 
+def _tab10(labels: np.ndarray) -> np.ndarray:
+    """RGBA colours ``(B, 4)`` of integer labels in matplotlib's ``tab10`` (labels 0–9, as in the scatter plots)."""
+    from matplotlib import colormaps
+
+    return colormaps["tab10"](np.asarray(labels) % 10)
+
+
 def _marginal_covariance(q, dims: tuple[int, int]) -> torch.Tensor | None:
     """Covariance ``(B, 2, 2)`` of ``z[dims]`` under q, where q has one in closed form; ``None`` otherwise (flows)."""
     index = list(dims)
@@ -194,6 +201,7 @@ def latent_posteriors(
             major = eigenvectors[..., :, 1].cpu().numpy()  # (B, 2)
             axes = 2 * n_std * eigenvalues.clamp(min=0).sqrt().cpu().numpy()  # full axis lengths, (B, 2)
             angles = np.degrees(np.arctan2(major[:, 1], major[:, 0]))
+            edge = "C0" if colours is None else _tab10(colours)
             ellipses = EllipseCollection(
                 axes[:, 1],
                 axes[:, 0],
@@ -202,15 +210,14 @@ def latent_posteriors(
                 offsets=centres,
                 offset_transform=ax.transData,
                 facecolors="none",
-                alpha=0.6,
+                edgecolors=edge,
+                alpha=0.7,
                 linewidths=0.8,
             )
-            if colours is not None:
-                ellipses.set_array(colours)
-                ellipses.set_cmap("tab10")
-                ellipses.set_clim(0, 9)
-                ellipses.set_facecolor("none")
-            ax.add_collection(ellipses)
+            ax.add_collection(ellipses, autolim=False)
+            # the axes limits must hold the whole ellipses, not only their centres: half-extent n_std·√Σ_ii
+            reach = n_std * covariance.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt().cpu().numpy()  # (B, 2)
+            ax.update_datalim(np.concatenate([centres - reach, centres + reach]))
             what = f"posterior means and {n_std:g}σ ellipses"
     sc = ax.scatter(centres[:, 0], centres[:, 1], s=8, c=colours, cmap="tab10", vmin=0, vmax=9, edgecolors="k", lw=0.3)
     if labels is not None:

@@ -26,6 +26,7 @@ KERNEL_NAME = "python3"
 # that this list and the notebooks on disk agree.
 TUTORIALS = [
     "01_vae_basics.ipynb",
+    "02_swapping_guides.ipynb",
 ]
 
 
