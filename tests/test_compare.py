@@ -148,3 +148,31 @@ def test_cli_compare_unknown_guide(capsys):
         cli.main(["compare", "--guides", "mvn_diag,ful_rank"])
     assert exit_info.value.code == 2
     assert "did you mean 'full_rank'" in capsys.readouterr().err
+
+
+def test_latent_posterior_plots_use_each_family_s_covariance():
+    from matplotlib.collections import EllipseCollection, PathCollection
+
+    from pyro_vae import VAE
+    from pyro_vae.plotting import _marginal_covariance, latent_posteriors
+
+    x = torch.rand(7, 784).bernoulli()
+    labels = torch.arange(7)
+    for guide in ("full_rank", "low_rank", "diag_normal"):
+        vae = VAE(784, latent_dim=3, hidden_dims=(16,), guide=guide)
+        q = vae.encode(x)
+        covariance = _marginal_covariance(q, (0, 2))
+        full = q.covariance_matrix if hasattr(q, "covariance_matrix") else torch.diag_embed(q.variance)
+        torch.testing.assert_close(covariance, full[:, [0, 2]][:, :, [0, 2]])
+        (ellipses,) = [
+            c
+            for c in latent_posteriors(vae, x, labels, dims=(0, 2)).axes[0].collections
+            if isinstance(c, EllipseCollection)
+        ]
+        assert len(ellipses.get_offsets()) == 7
+    flow = VAE(784, latent_dim=3, hidden_dims=(16,), guide="iaf")
+    assert _marginal_covariance(flow.encode(x), (0, 1)) is None
+    clouds = [
+        c for c in latent_posteriors(flow, x, labels, n_samples=5).axes[0].collections if isinstance(c, PathCollection)
+    ]
+    assert sorted(len(c.get_offsets()) for c in clouds) == [7, 35]  # means, and 5 draws per image
