@@ -18,7 +18,11 @@ where :math:`q^*_x` is the refined member of the family and :math:`q_\phi` the a
     \text{amortisation gap} = \mathcal{L}[q^*_x] - \mathcal{L}[q_\phi(\cdot \mid x)].
 
 :math:`\log p(x)` is estimated by the importance-weighted bound with k particles (large k) drawn from the refined
-q, the ELBOs by Monte Carlo with ``elbo_samples`` draws. Only the per-image raw parameters move during refinement:
+q, the ELBOs by Monte Carlo with ``elbo_samples`` draws. The IW estimate is a stochastic lower bound: when the refined
+q is narrower than the posterior in some direction (as KL(q ‖ p)-optimal families tend to be), the importance weights
+can have infinite variance, the estimate then approaches log p(x) slowly in k, and the approximation gap is
+under-estimated (on the linear-Gaussian model this happens once :math:`2\Lambda - \operatorname{diag}(\Lambda)` is not
+positive definite). Only the per-image raw parameters move during refinement:
 the encoder, the decoder and any global parameters of the family stay fixed. On the linear-Gaussian model
 (:mod:`pyro_vae.linear_gaussian`) both gaps have closed forms, which the tests check.
 
