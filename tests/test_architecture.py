@@ -30,7 +30,7 @@ LAYERS = {
     "optim": 3,
     "train": 4,
     "distributed": 4,
-    "compare": 4,
+    "compare": 5,
     "plotting": 5,
     "cli": 6,
     "__main__": 7,
