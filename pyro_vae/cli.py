@@ -382,7 +382,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.force_resume:
             raise ConfigError("--force-resume only applies with --resume DIR")
         config = config_from_args(args)
-        out = args.out or Path("runs") / f"{config.model.guide.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if args.out is None:
+            from pyro_vae.checkpoint import safe_name
+
+            # The guide spec's options come from the user ("low_rank:../x" passes the family check): keep the derived
+            # name a plain component of runs/.
+            name = f"{config.model.guide.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+            out = Path("runs") / safe_name(name.replace("/", "-"), what="run name")
+        else:
+            out = args.out
         _check_run_dir(out, args.overwrite)
 
     import pyro
@@ -432,12 +440,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_run(run_dir: Path):
-    from pyro_vae.checkpoint import load_checkpoint
+    from pyro_vae.checkpoint import CheckpointDir, load_checkpoint
     from pyro_vae.model import VAE
 
-    if not (run_dir / "last.pt").is_file():
+    checkpoint = CheckpointDir(run_dir).latest() if run_dir.is_dir() else None
+    if checkpoint is None:
         raise ConfigError(f"{run_dir} holds no checkpoint (last.pt); pass a directory written by 'pyro-vae train'")
-    payload = load_checkpoint(run_dir / "last.pt")
+    payload = load_checkpoint(checkpoint)
     config = RunConfig.from_dict(payload["config"])
     vae = VAE.from_config(config.model, int(payload["input_dim"]))
     vae.load_state_dict(payload["model"])
