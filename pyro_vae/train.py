@@ -94,7 +94,7 @@ class FitResult(NamedTuple):
 
     :ivar losses: per-step loss, the negative ELBO estimate in nats per image (Python floats).
     :ivar epochs: one :class:`EpochRecord` per completed epoch.
-    :ivar steps: optimiser steps taken.
+    :ivar steps: steps done in the run (batches consumed, skipped ones included; after a resume, since its start).
     :ivar run_dir: the run directory, or ``None``.
     :ivar optimizer: the optimiser (its state continues a run).
     """
