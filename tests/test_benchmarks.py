@@ -10,6 +10,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 # Listed by hand so that a new script is added on purpose; test_every_benchmark_is_listed keeps the list complete.
 SCRIPTS = [
+    "eval_speed.py",
+    "gradient_variance.py",
     "quality.py",
     "train_speed.py",
 ]
