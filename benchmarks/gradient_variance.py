@@ -69,11 +69,15 @@ def _bootstrap_variances(samples: torch.Tensor, counts: torch.Tensor) -> torch.T
     return r / (r - 1) * ((counts @ gram.diagonal()) / r - ((counts @ gram) * counts).sum(-1) / r**2)
 
 
-def ratio_with_interval(num: torch.Tensor, den: torch.Tensor, boots: int, generator: torch.Generator):
-    """Variance ratio and a 95 % percentile-bootstrap interval, resampling replicates jointly."""
-    r = num.shape[0]
-    idx = torch.randint(0, r, (boots, r), generator=generator)
-    counts = torch.zeros(boots, r, dtype=torch.float64).scatter_add_(1, idx, torch.ones(boots, r, dtype=torch.float64))
+def bootstrap_counts(replicates: int, boots: int, generator: torch.Generator) -> torch.Tensor:
+    """``(boots, R)``: how often each replicate appears in each resample."""
+    idx = torch.randint(0, replicates, (boots, replicates), generator=generator)
+    ones = torch.ones(boots, replicates, dtype=torch.float64)
+    return torch.zeros(boots, replicates, dtype=torch.float64).scatter_add_(1, idx, ones)
+
+
+def ratio_with_interval(num: torch.Tensor, den: torch.Tensor, counts: torch.Tensor):
+    """Variance ratio and a 95 % percentile-bootstrap interval over the resamples ``counts``."""
     ratios = _bootstrap_variances(num, counts) / _bootstrap_variances(den, counts)  # (boots,)
     # With very few replicates a resample can repeat one replicate only: 0 / 0, left out of the quantiles.
     low, high = torch.nanquantile(ratios, torch.tensor([0.025, 0.975], dtype=ratios.dtype)).tolist()
@@ -119,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     for k in ks:
         grads = gradients(vae, x, k, replicates)
         base = grads["reparam"]["encoder"]
+        counts = bootstrap_counts(replicates, 1000, generator)  # the same resamples for every estimator
         cells = []
         for estimator in ("stl", "dreg"):
-            ratio, low, high = ratio_with_interval(grads[estimator]["encoder"], base, 1000, generator)
+            ratio, low, high = ratio_with_interval(grads[estimator]["encoder"], base, counts)
             cells.append(f"{ratio:.3f} [{low:.3f}, {high:.3f}]")
         decoder = total_variance(grads["dreg"]["decoder"]) / total_variance(grads["reparam"]["decoder"])
         print(f"| {k} | {total_variance(base):.4g} | {cells[0]} | {cells[1]} | {decoder:.3f} |")
