@@ -262,8 +262,9 @@ def test_resume_from_the_previous_checkpoint_file(data, reference, tmp_path):
 
 # A helper process imports the package once, then forks one trainer per attempt (a fresh interpreter would spend
 # ~3 s importing torch and Pyro each time): the first attempt starts the run, every later one resumes it with the
-# command line. The helper SIGKILLs each trainer at a random moment until one completes, then trains the same run
-# uninterrupted in one more child and compares the two last.pt files.
+# command line. Once a trainer has written a new checkpoint (so that every attempt makes progress, however loaded
+# the machine), the helper lets it run for a random while more and SIGKILLs it, until one attempt completes; then it
+# trains the same run uninterrupted in one more child, and the test compares the two last.pt files.
 KILL_LOOP_SCRIPT = textwrap.dedent(
     """
     import json, os, random, signal, sys, time
@@ -275,7 +276,7 @@ KILL_LOOP_SCRIPT = textwrap.dedent(
     root = Path(sys.argv[1])
     rng = random.Random(int(sys.argv[2]))
     args = ["train", "--n-train", "256", "--n-test", "64", "--hidden-dims", "32,16", "--latent-dim", "2",
-            "--batch-size", "32", "--epochs", "30", "--threads", "1", "--checkpoint-every", "5", "--no-figures"]
+            "--batch-size", "32", "--epochs", "15", "--threads", "1", "--checkpoint-every", "5", "--no-figures"]
 
 
     def child(argv):
@@ -288,14 +289,32 @@ KILL_LOOP_SCRIPT = textwrap.dedent(
         return pid
 
 
+    def signature(path):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+
     kills, attempts = 0, 0
     run = root / "killed"
-    while attempts < 100:
+    last = run / "last.pt"
+    while attempts < 60:
         attempts += 1
-        started = any(run.glob("last*.pt"))
+        before = signature(last)
+        started = before is not None
         pid = child(args + (["--resume", str(run)] if started else ["--out", str(run), "--overwrite"]))
-        time.sleep(rng.uniform(0.2, 1.2))  # a trainer needs ~0.5 s to load the data and start
-        done, status = os.waitpid(pid, os.WNOHANG)
+        done, status = 0, 0
+        deadline = time.monotonic() + 120
+        while signature(last) == before and time.monotonic() < deadline:  # until a new checkpoint is written
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.005)
+        if not done:
+            time.sleep(rng.uniform(0.0, 0.5))
+            done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             break  # finished before the kill
         os.kill(pid, signal.SIGKILL)
