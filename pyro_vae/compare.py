@@ -466,8 +466,9 @@ def _check_guides(guides: Sequence[str], latent_dim: int) -> list[str]:
     duplicates = sorted({g for g in guides if guides.count(g) > 1})
     if duplicates:
         raise ConfigError(f"guide families must be distinct, {duplicates} appear more than once")
-    for guide in guides:
-        make_family(guide, latent_dim)  # unknown names and bad specs fail here, before any training
+    with torch.random.fork_rng(devices=[]):  # building a flow draws its initial weights: leave the caller's RNG be
+        for guide in guides:
+            make_family(guide, latent_dim)  # unknown names and bad specs fail here, before any training
     return guides
 
 
