@@ -27,6 +27,7 @@ KERNEL_NAME = "python3"
 TUTORIALS = [
     "01_vae_basics.ipynb",
     "02_swapping_guides.ipynb",
+    "03_likelihoods_and_gaps.ipynb",
     "04_training_scripts.ipynb",
 ]
 
