@@ -69,8 +69,9 @@ __all__ = [
     "side_by_side",
 ]
 
-#: Particles × images per forward pass. With the seed decoder (widths up to 784) one pass of 16 384 rows holds
-#: about 200 MB of activations in float32, and larger passes run no faster on a CPU.
+#: Particles × images per forward pass. With the seed decoder (widths up to 784) a pass of 4096 rows peaks at about
+#: 80 MiB above the resting process (benchmarks/eval_speed.py); on a CPU, passes of 16 384 and 65 536 rows ran 15 %
+#: and 22 % slower (K = 1000, 64 images), as they no longer fit the caches.
 DEFAULT_CHUNK_SIZE = 1 << 12
 #: Burda et al.'s threshold on Cov_x(E_q[z_d]) for an active unit.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -489,7 +490,7 @@ def evaluate(
     :param ks: particle counts of the importance-weighted bounds, default ``(1, 100, 1000)``; the largest is drawn
         once per image and the smaller ones reuse its draws in disjoint groups.
     :param protocol: how ``x`` was made (data set, split, binarisation and its seed); recorded in the result.
-    :param int chunk_size: particles × images per forward pass (default 16 384); bounds the memory.
+    :param int chunk_size: particles × images per forward pass (default 4096); bounds the memory.
     :param int seed: seed of the evaluation noise.
     :param str latent_site: the latent sample site for active units and KL per dimension.
     :returns: an :class:`EvalResult`.
