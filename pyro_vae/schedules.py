@@ -9,10 +9,11 @@ observed site alone, so that every Pyro ELBO estimates
     \mathbb{E}_q[\log p(x \mid z)] + \beta\, \mathbb{E}_q[\log p(z) - \log q(z \mid x)]
     = \text{reconstruction} - \beta\, \mathrm{KL}(q \,\|\, p).
 
-Scaling only the prior's site would leave :math:`-\mathbb{E}_q[\log q]` at weight 1 and estimate something else;
-that is why :func:`kl_scaled` wraps the model and the guide with the same schedule. The weight is put on the site's
-``scale``, as :func:`pyro.poutine.scale` does, by :class:`KLScaleMessenger`, which touches only the named sites and,
-unlike ``poutine.scale``, accepts β = 0.
+With ``iwae`` the weight multiplies :math:`\log p(z) - \log q(z \mid x)` inside every importance weight, before the
+log-sum-exp. Scaling only the prior's site would leave :math:`-\mathbb{E}_q[\log q]` at weight 1 and estimate
+something else; that is why :func:`kl_scaled` wraps the model and the guide with the same schedule. The weight is put
+on the site's ``scale``, as :func:`pyro.poutine.scale` does, by :class:`KLScaleMessenger`, which touches only the
+named sites and, unlike ``poutine.scale``, accepts β = 0.
 
 ================================  ==========================================================================
 spec                              schedule
