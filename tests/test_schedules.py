@@ -193,3 +193,13 @@ def test_fit_applies_steps_logs_and_checkpoints_the_schedule(tmp_path):
     assert [m["kl_weight"] for m in metrics] == [0.25, 0.5]
     payload = torch.load(tmp_path / "last.pt", weights_only=True)
     assert payload["schedules"]["kl"] == {"name": "linear", "options": {"warmup_steps": 8.0, "start": 0.0}, "steps": 4}
+
+
+def test_cli_flags_reach_the_config(capsys):
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "--objective", "iwae:5:dreg", "--kl-schedule", "cyclical:100:0.5"])
+    config = cli.config_from_args(args)
+    assert config.train.objective == "iwae:5:dreg" and config.train.kl_schedule == "cyclical:100:0.5"
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["train", "--kl-schedule", "linaer:100"])
+    assert exit_info.value.code == 2 and "did you mean 'linear'" in capsys.readouterr().err
