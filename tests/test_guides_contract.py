@@ -54,7 +54,7 @@ def implied_gaussian(family, raw):
         k = 0
         for i in range(n):
             for j in range(i):
-                tril[:, i, j] = extra[:, k]
+                tril[:, i, j] = family.off_diagonal_scale * extra[:, k]
                 k += 1
         return loc, tril @ tril.mT
     if family.name == "low_rank":
@@ -221,14 +221,17 @@ def test_extreme_raw_outputs_give_a_valid_distribution(name, value):
 # Family-specific layouts (each documented in the family's docstring)
 def test_full_rank_layout():
     family = make_family("full_rank", L, eps=1e-3)
-    assert family.num_params == L + L * (L + 1) // 2
+    assert family.num_params == L + L * (L + 1) // 2 and family.off_diagonal_scale == pytest.approx(1 / math.sqrt(L))
+    family = make_family("full_rank", L, eps=1e-3, off_diagonal_scale=0.5)
     raw = torch.randn(2, family.num_params)
     loc, tril = family.split(raw)
     assert torch.equal(loc, raw[:, :L])
     torch.testing.assert_close(tril.diagonal(dim1=-2, dim2=-1), F.softplus(raw[:, L : 2 * L]) + 1e-3)
-    assert torch.equal(tril[:, 1, 0], raw[:, 2 * L]) and torch.equal(tril[:, 2, 1], raw[:, 2 * L + 2])
+    assert torch.equal(tril[:, 1, 0], 0.5 * raw[:, 2 * L]) and torch.equal(tril[:, 2, 1], 0.5 * raw[:, 2 * L + 2])
     assert torch.equal(tril.triu(1), torch.zeros_like(tril))
     assert torch.equal(family(raw).scale_tril, tril)
+    with pytest.raises(ConfigError, match="off_diagonal_scale must be a positive finite number"):
+        make_family("full_rank", L, off_diagonal_scale=0.0)
 
 
 def test_correlated_gaussians_with_zero_extras_are_mvn_diag(float64):

@@ -177,7 +177,7 @@ class FullRank(GuideFamily):
     The encoder emits :math:`L + L(L+1)/2` numbers per data point::
 
         raw = [ loc (L) | raw_diag (L) | strictly-lower entries (L(L-1)/2, row-major: (1,0), (2,0), (2,1), ...) ]
-        scale_tril = diag(softplus(raw_diag) + eps) + strictly_lower(entries)            # (B, L, L)
+        scale_tril = diag(softplus(raw_diag) + eps) + c · strictly_lower(entries)        # (B, L, L)
         q = MultivariateNormal(loc, scale_tril=scale_tril)
 
     so that :math:`\Sigma = L L^\top` with :math:`L_{ii} > 0`: every covariance matrix has exactly one such
@@ -186,23 +186,37 @@ class FullRank(GuideFamily):
     ``loc + scale_tril @ noise`` and ``log_prob`` one triangular solve. With the off-diagonal entries at zero this
     is ``mvn_diag``.
 
+    The off-diagonal scale :math:`c` (default :math:`1/\sqrt{L}`) sets the units of the raw off-diagonal numbers.
+    Adam moves every raw output of the encoder at about the same rate, and row i of ``scale_tril`` sums the noise of
+    its i - 1 off-diagonal entries; with :math:`c = 1/\sqrt{L}` a row's off-diagonal contribution to the variance
+    stays comparable to its diagonal one whatever L, the reason initialisations scale by :math:`1/\sqrt{\text{fan-in}}`.
+    Measured on the embedded Fashion-MNIST subset (L = 16, seed network, 5 epochs, one seed, same initial weights):
+    test ELBO -306.5 with c = 1, -289.2 with 0.5, -282.7 with 0.25 = 1/√L, -283.8 with 0.1 and -287.5 with 0.01,
+    against -285.4 for ``mvn_diag``. Any c > 0 reaches the same set of distributions.
+
     Numerical range: ``log_prob`` of the family's own samples is finite for every raw value in [-200, 200] at small
     L, but the distribution itself can be numerically singular. With every raw number at -50 or -200 the
-    diagonal sits at the floor ``eps`` while the off-diagonal entries are 50 or 200, so each row of ``scale_tril``
-    has a condition number above ``1 / finfo(float32).eps``; from L = 4 on, the float32 rounding of a sample lies
-    many standard deviations off the distribution's thin directions and ``log_prob`` is astronomically negative
-    (``-inf`` from L = 8). This is a property of the covariance such raw values denote, not of the arithmetic:
-    float64 gives the same orders of magnitude.
+    diagonal sits at the floor ``eps`` while the off-diagonal entries are 50 c or 200 c, so each row of
+    ``scale_tril`` has a condition number far above ``1 / finfo(float32).eps``: the float32 rounding of a sample lies
+    many standard deviations off the distribution's thin directions, and ``log_prob`` is astronomically negative
+    (about -1e27 at L = 3) or ``-inf`` (from L = 4 at -200, from L = 6 at -50; the positive extremes stay finite).
+    This is a property of the covariance such raw values denote, not of the arithmetic: float64 gives the same orders
+    of magnitude.
 
     :param int latent_dim: L.
     :param float eps: floor added to the softplus of the diagonal; must be > 0 (default 1e-5).
+    :param off_diagonal_scale: c > 0 (default :math:`1/\sqrt{L}`).
     """
 
     name = "full_rank"
 
-    def __init__(self, latent_dim: int, eps: float = 1e-5):
+    def __init__(self, latent_dim: int, eps: float = 1e-5, off_diagonal_scale: float | None = None):
         super().__init__(latent_dim)
         self.eps = _check_eps(eps)
+        c = latent_dim**-0.5 if off_diagonal_scale is None else off_diagonal_scale
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < float("inf"):
+            raise ConfigError(f"off_diagonal_scale must be a positive finite number, got {off_diagonal_scale!r}")
+        self.off_diagonal_scale = float(c)
         rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
         # positions of the strictly-lower entries in a row-major flattened (L, L) matrix
         self.register_buffer("_strict_lower", rows * latent_dim + cols, persistent=False)
@@ -216,6 +230,7 @@ class FullRank(GuideFamily):
         self._check_raw(raw)
         L = self.latent_dim
         loc, raw_diag, off = raw[..., :L], raw[..., L : 2 * L], raw[..., 2 * L :]  # (B, L), (B, L), (B, L(L-1)/2)
+        off = self.off_diagonal_scale * off
         flat = raw.new_zeros(raw.shape[:-1] + (L * L,)).index_copy(-1, self._strict_lower, off)  # (B, L*L)
         scale_tril = flat.unflatten(-1, (L, L)) + torch.diag_embed(F.softplus(raw_diag) + self.eps)  # (B, L, L)
         return FullRankParams(loc, scale_tril)
@@ -225,7 +240,7 @@ class FullRank(GuideFamily):
         return dist.MultivariateNormal(loc, scale_tril=scale_tril)  # batch (B,), event (L,)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, eps={self.eps}"
+        return f"{super().extra_repr()}, eps={self.eps}, off_diagonal_scale={self.off_diagonal_scale:.4g}"
 
 
 class LowRankParams(NamedTuple):
