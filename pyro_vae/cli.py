@@ -105,16 +105,6 @@ def _nonnegative_int(value: str) -> int:
     return number
 
 
-def _nonnegative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return number
-
-
 def _positive(kind):
     def parse(value: str):
         try:
