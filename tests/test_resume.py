@@ -350,3 +350,19 @@ def test_random_sigkills_until_the_run_completes_resume_bit_exactly(tmp_path):
     assert metrics_without_time(tmp_path / "killed" / "metrics.jsonl") == metrics_without_time(
         tmp_path / "reference" / "metrics.jsonl"
     )
+
+
+def test_resume_flags_apply_on_top_of_the_saved_config(tmp_path):
+    """--resume starts from the checkpoint's config; a --config file changes only the keys it names, flags after."""
+    from pyro_vae import cli
+
+    saved = config(epochs=2, batch_size=32, seed=5)
+    (tmp_path / "more.json").write_text(json.dumps({"train": {"epochs": 7}}))
+    argv = ["train", "--resume", "DIR", "--config", str(tmp_path / "more.json"), "--keep-last", "3"]
+    argv += ["--checkpoint-every", "5", "--on-nonfinite", "skip", "--max-skips", "4"]
+    merged = cli.config_from_args(cli.build_parser().parse_args(argv), base=saved)
+    assert merged.model == saved.model and merged.data == saved.data
+    train = merged.train
+    assert (train.epochs, train.batch_size, train.seed, train.threads) == (7, 32, 5, 1)
+    assert (train.keep_last, train.checkpoint_every, train.on_nonfinite, train.max_skips) == (3, 5, "skip", 4)
+    assert resume_differences(saved.to_dict(), merged.to_dict()) == []
