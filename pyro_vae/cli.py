@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from pyro_vae.config import BINARIZATIONS, DATASETS, DEVICES, NONFINITE_POLICIES, RunConfig
+from pyro_vae.config import BINARIZATIONS, DATASETS, DEVICES, DIST_BACKENDS, NONFINITE_POLICIES, RunConfig
 from pyro_vae.errors import ConfigError, PyroVAEError, unknown_choice
 
 #: Registered guide families. Kept here, free of torch imports, so that ``--help`` is fast; a test checks that it
@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="on a NaN/inf loss or gradient: raise (default) or skip the batch",
     )
     train.add_argument("--max-skips", type=int, metavar="N", help="with --on-nonfinite skip: most batches skipped")
+    train.add_argument(
+        "--dist-backend", choices=DIST_BACKENDS, help="under torchrun: auto (nccl on CUDA, gloo on CPU), gloo or nccl"
+    )
     train.add_argument("--no-figures", action="store_true", help="do not write PNG figures")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar (default: on a TTY)")
     train.set_defaults(run=cmd_train)
@@ -300,6 +303,7 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
         ("keep_last", train, "keep_last"),
         ("on_nonfinite", train, "on_nonfinite"),
         ("max_skips", train, "max_skips"),
+        ("dist_backend", train, "dist_backend"),
     ):
         value = getattr(args, key, None)
         if value is not None:
@@ -325,6 +329,18 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"cannot create run directory {out}: {err.strerror}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ConfigError(f"run directory {out} is not writable; choose another --out")
+
+
+def _under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ or "RANK" in os.environ
+
+
+def _torchrun_rank() -> int:
+    """This process's rank under torchrun (0 outside it); a malformed RANK is reported by fit's own check."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _check_run_dir(out: Path, overwrite: bool) -> None:
@@ -372,6 +388,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.force_resume:
             raise ConfigError("--force-resume only applies with --resume DIR")
         config = config_from_args(args)
+        if args.out is None and _under_torchrun():
+            raise ConfigError("under torchrun pass --out DIR: every process must name the same run directory")
         if args.out is None:
             from pyro_vae.checkpoint import safe_name
 
@@ -381,7 +399,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             out = Path("runs") / safe_name(name.replace("/", "-"), what="run name")
         else:
             out = args.out
-        _check_run_dir(out, args.overwrite)
+        if _torchrun_rank() == 0:  # the other ranks would find rank 0's fresh files; only rank 0 writes anyway
+            _check_run_dir(out, args.overwrite)
 
     import pyro
     import torch
@@ -420,6 +439,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"pyro-vae: {err}", file=sys.stderr)
         return err.exit_code
     seconds = time.perf_counter() - start
+    if _torchrun_rank() != 0:
+        return 0  # rank 0 writes the figures and reports
     if not args.no_figures:
         from pyro_vae.plotting import save_run_figures
 

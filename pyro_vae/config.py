@@ -19,6 +19,7 @@ from pyro_vae.errors import ConfigError, unknown_choice
 DATASETS = ("embedded", "fashion-mnist", "mnist", "npz")
 BINARIZATIONS = ("dynamic", "static", "threshold", "none")
 DEVICES = ("auto", "cpu", "cuda")
+DIST_BACKENDS = ("auto", "gloo", "nccl")
 #: What training does on a non-finite loss or gradient (see :class:`pyro_vae.optim.SingleOptimizer`).
 NONFINITE_POLICIES = ("raise", "skip")
 ACTIVATIONS = ("silu", "relu", "gelu", "tanh", "softplus")
@@ -223,6 +224,8 @@ class TrainConfig:
     :param str on_nonfinite: ``raise`` (default) stops on a NaN or infinite loss or gradient, naming the step and the
         site; ``skip`` skips such batches (no step either way).
     :param int max_skips: with ``on_nonfinite="skip"``, the most batches skipped in a run before it stops anyway.
+    :param str dist_backend: process-group backend under ``torchrun``: ``auto`` (``nccl`` on CUDA, ``gloo`` on CPU),
+        ``gloo`` or ``nccl``. Ignored in a single process. Under torchrun, ``batch_size`` is per process.
     """
 
     epochs: int = 20
@@ -242,6 +245,7 @@ class TrainConfig:
     keep_last: int = 2
     on_nonfinite: str = "raise"
     max_skips: int = 10
+    dist_backend: str = "auto"
 
     def __post_init__(self):
         _positive_int("epochs", self.epochs)
@@ -273,6 +277,7 @@ class TrainConfig:
         _choice("non-finite policy", self.on_nonfinite, NONFINITE_POLICIES)
         if isinstance(self.max_skips, bool) or not isinstance(self.max_skips, int) or self.max_skips < 0:
             raise ConfigError(f"max_skips must be an integer >= 0, got {self.max_skips!r}")
+        _choice("distributed backend", self.dist_backend, DIST_BACKENDS)
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from pyro_vae.config import DIST_BACKENDS
 from pyro_vae.data import derive_seed
 from pyro_vae.errors import ConfigError
-from pyro_vae.evaluation import MeanSE
+from pyro_vae.importance import MeanSE
 from pyro_vae.model import VAE
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "gloo", "nccl")
+BACKENDS = DIST_BACKENDS
 
 
 class DistributedContext(NamedTuple):
@@ -130,9 +131,11 @@ def wrap(vae: VAE, ctx: DistributedContext) -> VAE:
     return vae
 
 
-def noise_seed(seed: int, rank: int) -> int:
-    """Seed of rank ``rank``'s noise stream: distinct per rank, a pure function of (seed, rank)."""
-    return derive_seed("noise", seed, rank)
+def noise_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Seed of rank ``rank``'s noise stream from global step ``step`` on: distinct per rank, a pure function of
+    (seed, rank, step). A resumed distributed run re-seeds each rank's stream at the resume step. Kept below 2**32,
+    which :func:`pyro.set_rng_seed` (numpy's seeding) requires."""
+    return derive_seed("noise", seed, rank, step) % 2**32
 
 
 def reduce_mean_se(values: torch.Tensor) -> MeanSE:
@@ -151,6 +154,41 @@ def reduce_mean_se(values: torch.Tensor) -> MeanSE:
     mean = total / n
     var = max(total_sq - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")
     return MeanSE(mean, math.sqrt(var / n) if n > 1 else float("nan"))
+
+
+def combine_mean_se(part: MeanSE, n: int) -> MeanSE:
+    """Combine each rank's mean ± SE over its ``n`` data points into the mean ± SE over all ranks' points.
+
+    Each rank contributes ``n·mean`` and ``(n − 1)·var + n·mean²`` (with ``var = se²·n``), recovering the sums and
+    sums of squares of its values; the combination is exact.
+    """
+    var = part.se**2 * n if n > 1 else 0.0
+    stats = torch.tensor([n * part.mean, (n - 1) * var + n * part.mean**2, float(n)], dtype=torch.float64)
+    if dist.is_initialized():
+        stats = stats.to(_comm_device())
+        dist.all_reduce(stats)
+        stats = stats.cpu()
+    total, total_sq, count = stats.tolist()
+    mean = total / count
+    if count < 2:
+        return MeanSE(mean, float("nan"))
+    return MeanSE(mean, math.sqrt(max(total_sq - count * mean * mean, 0.0) / (count - 1) / count))
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (e.g. "a stop signal arrived"), so all ranks stop at the
+    same step instead of one waiting forever in the next gradient all-reduce."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def unwrap(vae: VAE) -> VAE:
+    """Remove the routes set by :func:`wrap`."""
+    vae.route(encoder=None, decoder=None, family=None, likelihood=None)
+    return vae
 
 
 def _comm_device() -> torch.device:

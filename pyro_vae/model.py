@@ -18,6 +18,7 @@ shared ``pyro.module`` names the old store entries would silently shadow it.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Sequence
 
@@ -199,6 +200,16 @@ class VAE(nn.Module):
                 self._routes.pop(name, None)
             else:
                 self._routes[name] = wrapper
+
+    @contextlib.contextmanager
+    def unrouted(self):
+        """Run the submodules directly inside this context (e.g. to evaluate a DDP-wrapped model per rank, where
+        the ranks make different numbers of forward passes)."""
+        routes, self._routes = self._routes, {}
+        try:
+            yield self
+        finally:
+            self._routes = routes
 
     def _posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         family = self._run("family")

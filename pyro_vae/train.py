@@ -38,6 +38,17 @@ from tqdm import tqdm
 from pyro_vae.checkpoint import CheckpointDir, atomic_write_bytes, load_checkpoint
 from pyro_vae.config import RunConfig, TrainConfig
 from pyro_vae.data import Dataset, EpochBatches, binarize_eval, check_batch_size, check_likelihood_data
+from pyro_vae.distributed import (
+    any_rank,
+    barrier,
+    combine_mean_se,
+    context_from_env,
+    noise_seed,
+    unwrap,
+    wrap,
+)
+from pyro_vae.distributed import init as init_process_group
+from pyro_vae.distributed import shutdown as shutdown_process_group
 from pyro_vae.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PyroVAEError
 from pyro_vae.evaluation import ELBOResult, MeanSE, evaluate_elbo
 from pyro_vae.model import VAE
@@ -396,6 +407,12 @@ def fit(
     if tc.threads is not None:
         torch.set_num_threads(tc.threads)
     device = resolve_device(tc.device)
+    # Under torchrun every process runs this function; rank 0 alone writes (see pyro_vae.distributed).
+    ctx = context_from_env(tc.device, tc.dist_backend)
+    if ctx is not None:
+        init_process_group(ctx)
+        device = ctx.device
+    main = ctx is None or ctx.is_main
     n_train = data.x_train.shape[0]
     check_batch_size(n_train, tc.batch_size)
     check_likelihood_data(data, dc.binarize, vae.likelihood.name)
@@ -410,9 +427,12 @@ def fit(
     run_dir, resume_from = _locate(out_dir, resume)
     payload, ckpts, fingerprint = None, None, None
     if run_dir is not None:
-        _prepare_run_dir(run_dir, resume=resume_from is not None, overwrite=overwrite)
+        if main:
+            _prepare_run_dir(run_dir, resume=resume_from is not None, overwrite=overwrite)
+        barrier()  # the other ranks read the run directory only once rank 0 has prepared it
         ckpts = CheckpointDir(run_dir, keep_last=tc.keep_last)
-        ckpts.clean_temp_files()
+        if main:
+            ckpts.clean_temp_files()
         fingerprint = data_fingerprint(data)
         if resume_from is not None:
             payload = _load_resumable(resume_from, resolved, fingerprint, force_resume)
@@ -420,8 +440,16 @@ def fit(
     vae.to(device)
     x_train = data.x_train.to(device)
     x_test = binarize_eval(data.x_test, dc.binarize, tc.seed, dc.threshold).to(device)
+    rank, world_size = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    # Each rank takes its shard of the (seed, epoch) permutation; batch_size is per process.
     batches = EpochBatches(
-        x_train, batch_size=tc.batch_size, seed=tc.seed, binarize=dc.binarize, threshold=dc.threshold
+        x_train,
+        batch_size=tc.batch_size,
+        seed=tc.seed,
+        binarize=dc.binarize,
+        threshold=dc.threshold,
+        rank=rank,
+        world_size=world_size,
     )
     n_batches = len(batches)
     optimizer = adamw(
@@ -443,18 +471,22 @@ def fit(
         start = _restore(payload, vae, optimizer, schedules, tc, device, force_resume)
         losses = payload["losses"].tolist()
         epochs = [_record_from_state(r) for r in payload["records"]]
-        if resume_from != ckpts.last and ckpts.last.exists():
+        if main and resume_from != ckpts.last and ckpts.last.exists():
             # Resuming from an older file on purpose: keep the newer one aside instead of rotating it down the chain.
             ckpts.last.with_name(ckpts.last.name + ".sha256").unlink(missing_ok=True)
             os.replace(ckpts.last, run_dir / "last.superseded.pt")
             logger.warning("resuming from %s; the newer %s was moved to last.superseded.pt", resume_from, ckpts.last)
         logger.info("resuming %s at epoch %d, batch %d (step %d)", run_dir, start.epoch, start.batch, start.step)
+        if ctx is not None:
+            # The checkpoint holds rank 0's RNG state only: each rank re-seeds its own noise stream at this step.
+            torch.manual_seed(noise_seed(tc.seed, rank, start.step))
     else:
-        pyro.set_rng_seed(tc.seed)
+        pyro.set_rng_seed(tc.seed if ctx is None else noise_seed(tc.seed, rank))
 
     metrics_file = None
     env = environment_info()
-    if run_dir is not None:
+    writer = run_dir if main else None  # where this process writes: rank 0 only
+    if writer is not None:
         _write_json(
             run_dir / "config.json",
             {
@@ -468,7 +500,7 @@ def fit(
         metrics_file = _open_metrics(run_dir / "metrics.jsonl", payload, epochs)
 
     def save(progress: _Progress) -> Path | None:
-        if run_dir is None:
+        if writer is None:
             return None
         return ckpts.save(
             {
@@ -512,6 +544,8 @@ def fit(
     step = start.step
     show = sys.stderr.isatty() if tc.progress is None else tc.progress
     validate = True  # Pyro validation for the first step of every process: it checks supports and shapes
+    if ctx is not None:
+        wrap(vae, ctx)  # SVI's backward now averages gradients across ranks through DDP
     vae.train()
     with (
         _SignalStop() if run_dir is not None else contextlib.nullcontext(_SignalStop()) as signals,
@@ -547,17 +581,17 @@ def fit(
                     for hook in step_hooks:
                         hook(StepState(epoch, batch.step, step, loss, vae, optimizer, run_dir))
                     position = batch.step + 1
-                    if signals.received is not None:
+                    if _stop(signals, ctx):
                         elapsed = seconds + time.perf_counter() - began
                         checkpoint = save(_Progress(epoch, position, step, False, elapsed))
-                        raise interrupted(signals.received, checkpoint, epoch, position)
+                        raise interrupted(signals.received or signal.SIGTERM, checkpoint, epoch, position)
                     if tc.checkpoint_every and step % tc.checkpoint_every == 0 and position < n_batches:
                         save(_Progress(epoch, position, step, False, seconds + time.perf_counter() - began))
                 position = step - epoch_start
                 owed = position > first or (epoch == start.epoch and first > 0 and not start.recorded)
                 if owed:
                     seconds += time.perf_counter() - began
-                    result: ELBOResult = evaluate_elbo(vae, x_test, seed=tc.seed)
+                    result = _evaluate(vae, x_test, tc.seed, ctx)
                     vae.train()
                     epoch_losses = [v for v in losses[epoch_start:step] if math.isfinite(v)]
                     record = EpochRecord(
@@ -584,14 +618,41 @@ def fit(
                     checkpoint = save(
                         _Progress(epoch + 1, 0, step) if done else _Progress(epoch, position, step, True, seconds)
                     )
-                    if signals.received is not None:
-                        raise interrupted(signals.received, checkpoint, epoch, position)
+                    if _stop(signals, ctx):
+                        raise interrupted(signals.received or signal.SIGTERM, checkpoint, epoch, position)
                 if step >= total_steps:
                     break
         finally:
             if metrics_file is not None:
                 metrics_file.close()
+            if ctx is not None:
+                unwrap(vae)
+                shutdown_process_group()
     return FitResult(losses, epochs, step, run_dir, optimizer)
+
+
+def _stop(signals, ctx) -> bool:
+    """Whether to stop after this step: a signal arrived here or, under torchrun, on any rank (all ranks must stop
+    at the same step, or one would wait forever in the next gradient all-reduce)."""
+    received = signals.received is not None
+    return received if ctx is None else any_rank(received)
+
+
+def _evaluate(vae: VAE, x_test: torch.Tensor, seed: int, ctx) -> ELBOResult:
+    """Test ELBO; under torchrun each rank evaluates its shard of the test images and the means and standard errors
+    are combined across ranks."""
+    if ctx is None:
+        return evaluate_elbo(vae, x_test, seed=seed)
+    shard = x_test[ctx.rank :: ctx.world_size]
+    with vae.unrouted():  # no collectives inside: ranks may evaluate different numbers of images
+        part = evaluate_elbo(vae, shard, seed=noise_seed(seed, ctx.rank))
+    n = shard.shape[0]
+    return ELBOResult(
+        combine_mean_se(part.elbo, n),
+        combine_mean_se(part.reconstruction, n),
+        combine_mean_se(part.kl, n),
+        x_test.shape[0],
+    )
 
 
 def _check_images(data: Dataset) -> None:

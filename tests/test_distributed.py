@@ -118,3 +118,136 @@ def test_reduce_mean_se_without_process_group_is_the_plain_estimate():
     result = reduce_mean_se(values)
     assert result.mean == pytest.approx(3.5)
     assert result.se == pytest.approx(values.std().item() / 2)
+
+
+TINY_RUN = [
+    "--n-train",
+    "256",
+    "--n-test",
+    "64",
+    "--batch-size",
+    "32",
+    "--hidden-dims",
+    "32,16",
+    "--latent-dim",
+    "2",
+    "--threads",
+    "1",
+]
+
+
+def torchrun(*args, **kw):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "pyro_vae",
+        "train",
+        *map(str, args),
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+        **kw,
+    )
+
+
+@pytest.mark.slow
+def test_two_process_run_writes_exactly_one_set_of_files(tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun("--out", out, "--epochs", "2", *TINY_RUN)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(
+        [
+            "config.json",
+            "metrics.jsonl",
+            "last.pt",
+            "last.pt.sha256",
+            "last.prev.pt",
+            "last.prev.pt.sha256",
+            "latent.png",
+            "loss.png",
+            "reconstructions.png",
+            "samples.png",
+        ]
+    )
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # one writer: two epochs, two records
+    import json
+
+    # 256 images, 2 ranks, local batch 32: 4 steps per epoch on each rank
+    assert [json.loads(line)["step"] for line in lines] == [4, 8]
+    assert log.count("nats/image after") == 1  # rank 0 alone reports
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_and_completes(tmp_path):
+    import json
+    import time
+
+    out = tmp_path / "run"
+    proc = torchrun("--out", out, "--epochs", "100", "--checkpoint-every", "2", *TINY_RUN)
+    deadline = time.monotonic() + 240
+    metrics = out / "metrics.jsonl"
+    # Two epochs recorded (their checkpoints written first), then kill every process of the job.
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    _kill_every_process_naming(out)  # torchrun starts its workers in sessions of their own
+    proc.communicate()
+    killed_at = _saved_step(out)
+    assert 8 <= killed_at < 100 * 4
+    resumed = torchrun("--resume", out, "--no-figures")
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(100))
+    assert _saved_step(out) == 100 * 4
+
+
+def _kill_every_process_naming(path) -> None:
+    """SIGKILL every process whose command line names ``path`` (the launcher and its workers)."""
+    import signal
+    from pathlib import Path
+
+    needle = str(path).encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue  # the process ended meanwhile
+
+
+def _saved_step(out) -> int:
+    """Step of the run's newest checkpoint; -1 while there is none (or it is being replaced right now)."""
+    from pyro_vae.checkpoint import load_checkpoint
+    from pyro_vae.errors import CheckpointError
+
+    try:
+        return load_checkpoint(out / "last.pt")["progress"]["step"]
+    except CheckpointError:
+        return -1
+
+
+def test_bad_world_size_through_the_cli_is_one_line(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "two", "RANK": "0", "LOCAL_RANK": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyro_vae", "train", "--out", str(tmp_path / "r"), *TINY_RUN],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert "WORLD_SIZE='two' is not an integer" in error and "Traceback" not in proc.stderr
