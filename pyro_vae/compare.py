@@ -57,7 +57,7 @@ from pyro.infer import SVI
 
 from pyro_vae.config import ModelConfig, RunConfig
 from pyro_vae.data import Dataset, binarize_eval, derive_seed, load_dataset
-from pyro_vae.errors import ConfigError
+from pyro_vae.errors import ConfigError, NonFiniteLossError
 from pyro_vae.evaluation import DataProtocol, MeanSE, evaluate, evaluate_elbo
 from pyro_vae.guides import make_family
 from pyro_vae.model import VAE
@@ -89,6 +89,8 @@ class SeedRun(NamedTuple):
         not evaluated).
     :ivar nll_seconds: seconds the NLL evaluation took (``None`` when not evaluated).
     :ivar nll_images: test images the NLL was estimated on.
+    :ivar failure: ``None`` for a completed run; for a run that diverged (a non-finite loss or gradient, see
+        :class:`~pyro_vae.errors.NonFiniteLossError`), the error message, and then ``test_elbo`` is NaN.
     """
 
     guide: str
@@ -103,6 +105,7 @@ class SeedRun(NamedTuple):
     nll: MeanSE | None = None
     nll_seconds: float | None = None
     nll_images: int | None = None
+    failure: str | None = None
 
 
 class CompareRow(NamedTuple):
@@ -117,6 +120,7 @@ class CompareRow(NamedTuple):
     :ivar peak_memory_mib: largest resident-set growth over the seeds, or ``None`` where it cannot be measured.
     :ivar seeds: number of seeds.
     :ivar nll: IS-NLL, mean over seeds ± standard error over seeds, or ``None`` when not evaluated.
+    :ivar diverged: runs that stopped on a non-finite loss or gradient; the statistics above cover the others.
     """
 
     guide: str
@@ -128,6 +132,7 @@ class CompareRow(NamedTuple):
     peak_memory_mib: float | None
     seeds: int
     nll: MeanSE | None = None
+    diverged: int = 0
 
 
 _HEADER = ("guide", "raw width", "weights", "test ELBO (nats)", "s/epoch", f"× {REFERENCE_GUIDE}", "peak RSS (MiB)")
@@ -136,6 +141,12 @@ _NLL_HEADER = "IS-NLL (nats)"
 
 def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _fmt_mean_se(value: MeanSE | None) -> str:
+    if value is None or math.isnan(value.mean):
+        return "n/a"
+    return f"{value.mean:.2f} ± {_fmt(value.se, '.2f')}"
 
 
 class CompareResult(NamedTuple):
@@ -164,15 +175,16 @@ class CompareResult(NamedTuple):
     def _cells(self) -> list[tuple[str, ...]]:
         cells = []
         for row in self.rows:
-            nll = () if self.nll_k is None else (f"{row.nll.mean:.2f} ± {_fmt(row.nll.se, '.2f')}",)
+            nll = () if self.nll_k is None else (_fmt_mean_se(row.nll),)
+            diverged = f" ({row.diverged} of {row.seeds} runs diverged)" if row.diverged else ""
             cells.append(
                 (
                     row.guide,
                     str(row.num_params),
                     str(row.num_weights),
-                    f"{row.test_elbo.mean:.2f} ± {_fmt(row.test_elbo.se, '.2f')}",
+                    _fmt_mean_se(row.test_elbo) + diverged,
                     *nll,
-                    f"{row.seconds_per_epoch:.2f}",
+                    _fmt(row.seconds_per_epoch, ".2f"),
                     _fmt(row.time_ratio, ".2f"),
                     _fmt(row.peak_memory_mib, ".0f"),
                 )
@@ -224,6 +236,10 @@ class CompareResult(NamedTuple):
         lines.append("| " + " | ".join(header) + " |")
         lines.append("| --- | " + " | ".join("---:" for _ in header[1:]) + " |")
         lines += ["| " + " | ".join(cells) + " |" for cells in self._cells()]
+        failed = [run for run in self.runs if run.failure is not None]
+        if failed:
+            lines += ["", "Runs that diverged (left out of the statistics):", ""]
+            lines += [f"- {run.guide}, seed {run.seed}: {run.failure}" for run in failed]
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
@@ -244,6 +260,7 @@ class CompareResult(NamedTuple):
                 "nll_k",
                 "nll_mean",
                 "nll_se",
+                "diverged",
             ]
         )
         for row in self.rows:
@@ -261,6 +278,7 @@ class CompareResult(NamedTuple):
                     "" if self.nll_k is None else self.nll_k,
                     "" if row.nll is None else repr(row.nll.mean),
                     "" if row.nll is None else repr(row.nll.se),
+                    row.diverged,
                 ]
             )
         return out.getvalue()
@@ -280,6 +298,7 @@ class CompareResult(NamedTuple):
                 "nll",
                 "nll_se",
                 "nll_seconds",
+                "failure",
             ]
         )
         for run in self.runs:
@@ -289,11 +308,12 @@ class CompareResult(NamedTuple):
                     run.seed,
                     repr(run.test_elbo.mean),
                     repr(run.test_elbo.se),
-                    repr(statistics.median(run.epoch_seconds)),
+                    repr(statistics.median(run.epoch_seconds)) if run.epoch_seconds else "",
                     "" if run.peak_memory_mib is None else repr(run.peak_memory_mib),
                     "" if run.nll is None else repr(run.nll.mean),
                     "" if run.nll is None else repr(run.nll.se),
                     "" if run.nll_seconds is None else repr(run.nll_seconds),
+                    run.failure or "",
                 ]
             )
         return out.getvalue()
@@ -397,8 +417,28 @@ def _run(
     run_config = config.replace(model={"guide": guide}, train={"seed": seed})
     vae = initial_vae(run_config.model, data.input_dim, seed)
     _warm_up(run_config, data.input_dim)
+    num_weights = sum(p.numel() for p in vae.parameters() if p.requires_grad)
+    failure = None
     with _PeakRSS() as memory:
-        result = fit(vae, data, run_config, out_dir=run_dir)
+        try:
+            result = fit(vae, data, run_config, out_dir=run_dir)
+        except NonFiniteLossError as err:
+            # a family that diverges under the shared protocol is a result to report, not a reason to lose the others
+            logger.warning("%s seed %d diverged: %s", guide, seed, err)
+            failure = str(err)
+    if failure is not None:
+        return SeedRun(
+            guide=guide,
+            seed=seed,
+            test_elbo=MeanSE(math.nan, math.nan),
+            epoch_seconds=(),
+            peak_memory_mib=memory.peak_mib,
+            num_params=vae.family.num_params,
+            num_weights=num_weights,
+            steps=0,
+            dataset=data.name,
+            failure=failure,
+        )
     if not result.epochs:
         raise ConfigError(f"the run of {guide} with seed {seed} finished no epoch; raise --max-steps or --epochs")
     nll = nll_seconds = None
@@ -418,7 +458,7 @@ def _run(
         epoch_seconds=tuple(e.seconds for e in result.epochs),
         peak_memory_mib=memory.peak_mib,
         num_params=vae.family.num_params,
-        num_weights=sum(p.numel() for p in vae.parameters() if p.requires_grad),
+        num_weights=num_weights,
         steps=result.steps,
         dataset=data.name,
         nll=nll,
@@ -430,9 +470,14 @@ def _run(
 def _summarise(guides: Sequence[str], runs: list[SeedRun]) -> list[CompareRow]:
     rows = []
     for guide in guides:
-        mine = [run for run in runs if run.guide == guide]
+        everyone = [run for run in runs if run.guide == guide]
+        mine = [run for run in everyone if run.failure is None]
         elbos = [run.test_elbo.mean for run in mine]
-        se = statistics.stdev(elbos) / math.sqrt(len(elbos)) if len(elbos) > 1 else float("nan")
+        elbo = MeanSE(
+            statistics.fmean(elbos) if elbos else math.nan,
+            statistics.stdev(elbos) / math.sqrt(len(elbos)) if len(elbos) > 1 else math.nan,
+        )
+        seconds = [s for run in mine for s in run.epoch_seconds]
         memory = [run.peak_memory_mib for run in mine if run.peak_memory_mib is not None]
         nlls = [run.nll.mean for run in mine if run.nll is not None]
         nll = None
@@ -443,14 +488,15 @@ def _summarise(guides: Sequence[str], runs: list[SeedRun]) -> list[CompareRow]:
         rows.append(
             CompareRow(
                 guide=guide,
-                num_params=mine[0].num_params,
-                num_weights=mine[0].num_weights,
-                test_elbo=MeanSE(statistics.fmean(elbos), se),
-                seconds_per_epoch=statistics.median(s for run in mine for s in run.epoch_seconds),
+                num_params=everyone[0].num_params,
+                num_weights=everyone[0].num_weights,
+                test_elbo=elbo,
+                seconds_per_epoch=statistics.median(seconds) if seconds else math.nan,
                 time_ratio=None,
                 peak_memory_mib=max(memory) if memory else None,
-                seeds=len(mine),
+                seeds=len(everyone),
                 nll=nll,
+                diverged=len(everyone) - len(mine),
             )
         )
     reference = next((row for row in rows if row.guide == REFERENCE_GUIDE), None)

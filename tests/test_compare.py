@@ -176,3 +176,24 @@ def test_latent_posterior_plots_use_each_family_s_covariance():
         c for c in latent_posteriors(flow, x, labels, n_samples=5).axes[0].collections if isinstance(c, PathCollection)
     ]
     assert sorted(len(c.get_offsets()) for c in clouds) == [7, 35]  # means, and 5 draws per image
+
+
+def test_a_diverging_run_is_reported_and_the_others_go_on(data, monkeypatch, tmp_path):
+    import pyro_vae.compare as compare_module
+    from pyro_vae.errors import NonFiniteLossError
+
+    def fit_or_diverge(vae, data, config, **kwargs):
+        if config.model.guide == "full_rank" and config.train.seed == 1:
+            raise NonFiniteLossError("non-finite loss (-inf) at optimiser step 3, first at guide site 'z'")
+        return fit(vae, data, config, **kwargs)
+
+    monkeypatch.setattr(compare_module, "fit", fit_or_diverge)
+    config = TINY.replace(train={"epochs": 1})
+    result = compare(["mvn_diag", "full_rank"], config, seeds=[0, 1], data=data, nll_k=None, out_dir=tmp_path)
+    seed_row, full_rank = result.rows
+    assert seed_row.diverged == 0 and full_rank.diverged == 1 and full_rank.seeds == 2
+    (ok,) = [run for run in result.runs if run.guide == "full_rank" and run.failure is None]
+    assert full_rank.test_elbo.mean == ok.test_elbo.mean and math.isnan(full_rank.test_elbo.se)
+    assert "(1 of 2 runs diverged)" in result.table()
+    markdown = (tmp_path / "compare.md").read_text()
+    assert "full_rank, seed 1: non-finite loss (-inf)" in markdown

@@ -54,7 +54,7 @@ def implied_gaussian(family, raw):
         k = 0
         for i in range(n):
             for j in range(i):
-                tril[:, i, j] = family.off_diagonal_scale * extra[:, k]
+                tril[:, i, j] = family.off_diagonal_scale * scale[:, i] * extra[:, k]
                 k += 1
         return loc, tril @ tril.mT
     if family.name == "low_rank":
@@ -226,8 +226,10 @@ def test_full_rank_layout():
     raw = torch.randn(2, family.num_params)
     loc, tril = family.split(raw)
     assert torch.equal(loc, raw[:, :L])
-    torch.testing.assert_close(tril.diagonal(dim1=-2, dim2=-1), F.softplus(raw[:, L : 2 * L]) + 1e-3)
-    assert torch.equal(tril[:, 1, 0], 0.5 * raw[:, 2 * L]) and torch.equal(tril[:, 2, 1], 0.5 * raw[:, 2 * L + 2])
+    scale = F.softplus(raw[:, L : 2 * L]) + 1e-3
+    torch.testing.assert_close(tril.diagonal(dim1=-2, dim2=-1), scale)
+    torch.testing.assert_close(tril[:, 1, 0], 0.5 * scale[:, 1] * raw[:, 2 * L])  # entries in units of the row's scale
+    torch.testing.assert_close(tril[:, 2, 1], 0.5 * scale[:, 2] * raw[:, 2 * L + 2])
     assert torch.equal(tril.triu(1), torch.zeros_like(tril))
     assert torch.equal(family(raw).scale_tril, tril)
     with pytest.raises(ConfigError, match="off_diagonal_scale must be a positive finite number"):

@@ -176,32 +176,37 @@ class FullRank(GuideFamily):
 
     The encoder emits :math:`L + L(L+1)/2` numbers per data point::
 
-        raw = [ loc (L) | raw_diag (L) | strictly-lower entries (L(L-1)/2, row-major: (1,0), (2,0), (2,1), ...) ]
-        scale_tril = diag(softplus(raw_diag) + eps) + c · strictly_lower(entries)        # (B, L, L)
+        raw = [ loc (L) | raw_diag (L) | strictly-lower entries A (L(L-1)/2, row-major: (1,0), (2,0), (2,1), ...) ]
+        s = softplus(raw_diag) + eps                                                    # (B, L)
+        scale_tril = diag(s) @ (I + c · strictly_lower(A))                              # (B, L, L)
         q = MultivariateNormal(loc, scale_tril=scale_tril)
 
-    so that :math:`\Sigma = L L^\top` with :math:`L_{ii} > 0`: every covariance matrix has exactly one such
-    factor, and the family never forms a covariance to take its Cholesky decomposition (which costs
-    :math:`O(L^3)` and fails when rounding makes the matrix indefinite). ``rsample`` is
-    ``loc + scale_tril @ noise`` and ``log_prob`` one triangular solve. With the off-diagonal entries at zero this
-    is ``mvn_diag``.
+    so that :math:`\Sigma = L L^\top` with :math:`L_{ii} = s_i > 0` and :math:`L_{ij} = c\, s_i A_{ij}`. Every
+    covariance matrix has exactly one such factor (:math:`A_{ij} = L_{ij} / (c L_{ii})`), and the family never forms
+    a covariance to take its Cholesky decomposition (which costs :math:`O(L^3)` and fails when rounding makes the
+    matrix indefinite). ``rsample`` is ``loc + scale_tril @ noise`` and ``log_prob`` one triangular solve. With A at
+    zero this is ``mvn_diag``.
 
-    The off-diagonal scale :math:`c` (default :math:`1/\sqrt{L}`) sets the units of the raw off-diagonal numbers.
-    Adam moves every raw output of the encoder at about the same rate, and row i of ``scale_tril`` sums the noise of
-    its i - 1 off-diagonal entries; with :math:`c = 1/\sqrt{L}` a row's off-diagonal contribution to the variance
-    stays comparable to its diagonal one whatever L, the reason initialisations scale by :math:`1/\sqrt{\text{fan-in}}`.
-    Measured on the embedded Fashion-MNIST subset (L = 16, seed network, 5 epochs, one seed, same initial weights):
-    test ELBO -306.5 with c = 1, -289.2 with 0.5, -282.7 with 0.25 = 1/√L, -283.8 with 0.1 and -287.5 with 0.01,
-    against -285.4 for ``mvn_diag``. Any c > 0 reaches the same set of distributions.
+    Why the off-diagonal entries are in units of their row's scale (as ``low_rank``'s factor is): the triangular
+    solve in ``log_prob`` amplifies rounding errors by the ratios :math:`|L_{ij}| / L_{ii}`, here :math:`c |A_{ij}|`,
+    whatever the scales. With absolute entries (:math:`L_{ij} = c A_{ij}`), a dimension whose scale the encoder
+    drives to the floor ``eps`` while its row keeps off-diagonal entries of order 0.1 makes those ratios 1e4 and
+    more: in a full Fashion-MNIST run (L = 16, c = 1) condition numbers reached 1e22 after 900 steps and
+    ``log_prob`` of the family's own samples became ``-inf``, which stopped training.
 
-    Numerical range: ``log_prob`` of the family's own samples is finite for every raw value in [-200, 200] at small
-    L, but the distribution itself can be numerically singular. With every raw number at -50 or -200 the
-    diagonal sits at the floor ``eps`` while the off-diagonal entries are 50 c or 200 c, so each row of
-    ``scale_tril`` has a condition number far above ``1 / finfo(float32).eps``: the float32 rounding of a sample lies
-    many standard deviations off the distribution's thin directions, and ``log_prob`` is astronomically negative
-    (about -1e27 at L = 3) or ``-inf`` (from L = 4 at -200, from L = 6 at -50; the positive extremes stay finite).
-    This is a property of the covariance such raw values denote, not of the arithmetic: float64 gives the same orders
-    of magnitude.
+    Why :math:`c = 1/\sqrt{L}` by default: Adam moves every raw output of the encoder at about the same rate, and row
+    i sums the noise of its i - 1 off-diagonal entries; with :math:`c = 1/\sqrt{L}` their contribution to a row's
+    variance stays comparable to the diagonal's whatever L, the reason initialisations scale by
+    :math:`1/\sqrt{\text{fan-in}}`. On the embedded Fashion-MNIST subset (L = 16, seed network, 5 epochs, one seed,
+    same initial weights), absolute entries gave a test ELBO of -306.5 with c = 1, -289.2 with 0.5, -282.7 with
+    0.25 = 1/√L, -283.8 with 0.1 and -287.5 with 0.01; this parametrisation -283.1 with 1/√L; ``mvn_diag`` -285.4.
+
+    Numerical range: the contract tests check that raw values of ±50 and ±200 give a valid distribution whose own
+    samples have a finite ``log_prob`` at small L. With every raw number at such a value, though, the off-diagonal
+    ratios are 50 c or 200 c and the inverse of :math:`I + cA` has entries up to :math:`(1 + 200c)^{L-1}`: the
+    float32 rounding of a sample then lies far off the distribution's thin directions, and at L = 16 ``log_prob``
+    is astronomically negative (-1e17 to -1e35) or, at -200, ``-inf``. That is a property of the covariance such raw
+    values denote, not of the arithmetic.
 
     :param int latent_dim: L.
     :param float eps: floor added to the softplus of the diagonal; must be > 0 (default 1e-5).
@@ -230,10 +235,12 @@ class FullRank(GuideFamily):
         self._check_raw(raw)
         L = self.latent_dim
         loc, raw_diag, off = raw[..., :L], raw[..., L : 2 * L], raw[..., 2 * L :]  # (B, L), (B, L), (B, L(L-1)/2)
-        off = self.off_diagonal_scale * off
-        flat = raw.new_zeros(raw.shape[:-1] + (L * L,)).index_copy(-1, self._strict_lower, off)  # (B, L*L)
-        scale_tril = flat.unflatten(-1, (L, L)) + torch.diag_embed(F.softplus(raw_diag) + self.eps)  # (B, L, L)
-        return FullRankParams(loc, scale_tril)
+        scale = F.softplus(raw_diag) + self.eps  # (B, L)
+        flat = raw.new_zeros(raw.shape[:-1] + (L * L,)).index_copy(
+            -1, self._strict_lower, self.off_diagonal_scale * off
+        )
+        unit = flat.unflatten(-1, (L, L)) + torch.eye(L, dtype=raw.dtype, device=raw.device)  # (B, L, L), unit diagonal
+        return FullRankParams(loc, scale.unsqueeze(-1) * unit)  # row i scaled by s_i
 
     def forward(self, raw: torch.Tensor, context: torch.Tensor | None = None) -> dist.MultivariateNormal:
         loc, scale_tril = self.split(raw)
