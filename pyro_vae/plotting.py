@@ -232,7 +232,8 @@ def latent_posteriors(
 
 def comparison_figure(result) -> Figure:
     """Three panels from a :class:`~pyro_vae.compare.CompareResult`: test ELBO (mean ± SE over seeds, each seed as a
-    dot), median seconds per epoch (with the ratio to ``mvn_diag`` above each bar), and peak resident-set growth."""
+    dot) and, when measured, the importance-sampled bound -NLL on log p(x) beside it; median seconds per epoch (with
+    the ratio to ``mvn_diag`` above each bar); and peak resident-set growth."""
     rows = result.rows
     names = [row.guide for row in rows]
     positions = np.arange(len(rows))
@@ -240,12 +241,19 @@ def comparison_figure(result) -> Figure:
     ax_elbo, ax_time, ax_mem = fig.subplots(1, 3)
     means = np.array([row.test_elbo.mean for row in rows])
     ses = np.nan_to_num(np.array([row.test_elbo.se for row in rows]))
-    ax_elbo.errorbar(positions, means, yerr=ses, fmt="o", color="C0", capsize=4, label="mean ± SE")
+    ax_elbo.errorbar(positions, means, yerr=ses, fmt="o", color="C0", capsize=4, label="test ELBO")
     for i, guide in enumerate(names):
         seeds = [run.test_elbo.mean for run in result.runs if run.guide == guide]
         ax_elbo.scatter(np.full(len(seeds), i + 0.15), seeds, s=10, color="C1", alpha=0.7)
-    ax_elbo.set_ylabel("test ELBO (nats per image)")
-    ax_elbo.set_title("test ELBO (higher is better)")
+    if getattr(result, "nll_k", None) is not None:
+        bound = np.array([np.nan if row.nll is None else -row.nll.mean for row in rows])
+        bound_se = np.nan_to_num(np.array([np.nan if row.nll is None else row.nll.se for row in rows]))
+        ax_elbo.errorbar(
+            positions - 0.15, bound, yerr=bound_se, fmt="s", color="C3", capsize=4, label=f"-IS-NLL, k={result.nll_k}"
+        )
+    ax_elbo.legend(loc="lower left", fontsize=8)
+    ax_elbo.set_ylabel("nats per image")
+    ax_elbo.set_title("bounds on log p(x) (higher is better)")
     seconds = [row.seconds_per_epoch for row in rows]
     bars = ax_time.bar(positions, seconds, color="C2")
     for bar, row in zip(bars, rows, strict=True):
