@@ -145,15 +145,7 @@ def reduce_mean_se(values: torch.Tensor) -> MeanSE:
     deviation over √n.
     """
     values = values.detach().double().flatten()
-    stats = torch.stack([values.sum(), values.square().sum(), values.new_tensor(values.numel())])
-    if dist.is_initialized():
-        stats = stats.to(_comm_device())
-        dist.all_reduce(stats)
-        stats = stats.cpu()
-    total, total_sq, n = stats.tolist()
-    mean = total / n
-    var = max(total_sq - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")
-    return MeanSE(mean, math.sqrt(var / n) if n > 1 else float("nan"))
+    return _reduced_mean_se(values.sum().item(), values.square().sum().item(), values.numel())
 
 
 def combine_mean_se(part: MeanSE, n: int) -> MeanSE:
@@ -163,7 +155,12 @@ def combine_mean_se(part: MeanSE, n: int) -> MeanSE:
     sums of squares of its values; the combination is exact.
     """
     var = part.se**2 * n if n > 1 else 0.0
-    stats = torch.tensor([n * part.mean, (n - 1) * var + n * part.mean**2, float(n)], dtype=torch.float64)
+    return _reduced_mean_se(n * part.mean, (n - 1) * var + n * part.mean**2, n)
+
+
+def _reduced_mean_se(total: float, total_sq: float, count: int) -> MeanSE:
+    """Mean ± SE from a sum, a sum of squares and a count, each summed over the ranks first (in float64)."""
+    stats = torch.tensor([total, total_sq, float(count)], dtype=torch.float64)
     if dist.is_initialized():
         stats = stats.to(_comm_device())
         dist.all_reduce(stats)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import pyro
@@ -48,7 +47,7 @@ from pyro.infer.util import is_validation_enabled
 from torch.distributions import kl_divergence
 
 from pyro_vae.errors import ConfigError, DataError
-from pyro_vae.importance import MeanSE, log_mean_exp, log_weights, mean_se, particle_traces
+from pyro_vae.importance import MeanSE, log_mean_exp, log_weights, mean_se, own_rng, particle_traces
 from pyro_vae.model import VAE, posterior_mean
 
 logger = logging.getLogger(__name__)
@@ -90,15 +89,6 @@ def _mean_se(values: torch.Tensor) -> MeanSE:
     return mean_se(values)
 
 
-@contextmanager
-def _own_rng(x: torch.Tensor, seed: int):
-    """Run the block on a fresh RNG stream seeded by ``seed``; the caller's stream is restored afterwards."""
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def elbo_terms(vae: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Single-sample ``(log p(x | z), log q(z | x) - log p(z))`` per image, each ``(B,)``, from Pyro traces."""
     guide_trace = poutine.trace(vae.guide).get_trace(x)
@@ -126,7 +116,7 @@ def evaluate_elbo(vae: VAE, x: torch.Tensor, *, batch_size: int = 1000, seed: in
     vae.eval()
     recs, kls = [], []
     try:
-        with _own_rng(x, seed):
+        with own_rng(x, seed):
             for start in range(0, x.shape[0], batch_size):
                 rec, kl = elbo_terms(vae, x[start : start + batch_size])
                 recs.append(rec)
@@ -509,7 +499,7 @@ def evaluate(
     was_training = vae.training
     vae.eval()
     try:
-        with _own_rng(x, seed):
+        with own_rng(x, seed):
             acc = _evaluate_chunks(vae, x, ks, images_per_chunk, particles_per_pass, latent_site)
     finally:
         vae.train(was_training)

@@ -31,7 +31,6 @@ Reference: Inference Suboptimality in Variational Autoencoders, Chris Cremer, Xu
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import pyro
@@ -40,7 +39,7 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.util import is_validation_enabled
 
 from pyro_vae.errors import ConfigError, DataError
-from pyro_vae.importance import MAX_PLATE_NESTING, MeanSE, log_mean_exp, log_weights, mean_se, particle_traces
+from pyro_vae.importance import MAX_PLATE_NESTING, MeanSE, log_mean_exp, log_weights, mean_se, own_rng, particle_traces
 from pyro_vae.model import VAE
 
 __all__ = ["GapImages", "GapResult", "inference_gaps"]
@@ -128,14 +127,6 @@ def _local_guide(vae: VAE, raw: torch.Tensor, context: torch.Tensor | None):
     return guide
 
 
-@contextmanager
-def _own_rng(x: torch.Tensor, seed: int):
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def _refine(vae, x, raw0, context, *, steps: int, lr: float, particles: int, validate: bool) -> torch.Tensor:
     """``steps`` Adam steps on each image's ELBO w.r.t. its own raw parameters, from ``raw0``; lr decays linearly
     to 0 so that the last steps settle instead of jittering at the Monte Carlo noise floor."""
@@ -209,7 +200,7 @@ def inference_gaps(
     was_training = vae.training
     vae.eval()
     try:
-        with _own_rng(x, seed):
+        with own_rng(x, seed):
             for chunk, start in enumerate(range(0, x.shape[0], images_per_chunk)):
                 xb = x[start : start + images_per_chunk]  # (B, D)
                 raw0, context = _raw_and_context(vae, xb)

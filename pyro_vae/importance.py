@@ -22,6 +22,7 @@ This module also holds :class:`MeanSE`, the mean-and-standard-error record every
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import pyro
@@ -177,3 +178,13 @@ def log_weights(model_trace, guide_trace, num_particles: int, *, guide_log_prob=
         raise ValueError("the model has no observed site inside the data plate, so there is no log p(x) to bound")
     zeros = torch.zeros_like(log_likelihood)
     return LogWeights(log_likelihood, log_prior + zeros, log_guide + zeros, scale)
+
+
+@contextmanager
+def own_rng(x: torch.Tensor, seed: int):
+    """Run the block on a fresh torch RNG stream seeded by ``seed`` (on ``x``'s device); the caller's stream is
+    restored afterwards, so evaluation never perturbs the training noise."""
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
