@@ -36,15 +36,6 @@ from pyro_vae.model import VAE
 from pyro_vae.train import fit
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(vae, n, seed):
     return vae.sample_data(n, generator=torch.Generator().manual_seed(seed))
 

@@ -28,15 +28,6 @@ from pyro_vae.gaps import inference_gaps
 from pyro_vae.model import VAE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _refined_kl(vae, result, x):
     """KL(q_refined(·|x_i) ‖ p(z|x_i)) per image, in closed form from the refined raw parameters."""
     q = vae.family(result.per_image.refined_raw)

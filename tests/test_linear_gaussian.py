@@ -22,15 +22,6 @@ from pyro_vae.objectives import make_objective
 from pyro_vae.optim import adamw
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_marginal_and_posterior_match_scipy(float64):
     vae = make_model(D=5, L=3, seed=1)
     x = vae.sample_data(7, generator=torch.Generator().manual_seed(0))

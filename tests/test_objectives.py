@@ -19,15 +19,6 @@ from pyro_vae.objectives import IWAE_ELBO, make_objective, objective_names
 from pyro_vae.optim import adamw
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The registry
 def test_registry_names_and_cli_choices():

@@ -21,15 +21,6 @@ from pyro_vae.schedules import Constant, Cyclical, FreeBits, LinearWarmup, kl_sc
 from pyro_vae.train import fit
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _loss_and_grads(model, guide, vae, x, objective="trace", seed=0):
     vae.zero_grad(set_to_none=True)
     pyro.set_rng_seed(seed)
