@@ -203,8 +203,9 @@ def test_killed_two_process_run_resumes_and_completes(tmp_path):
         time.sleep(0.05)
     _kill_every_process_naming(out)  # torchrun starts its workers in sessions of their own
     proc.communicate()
-    killed_at = _saved_step(out)
-    assert 8 <= killed_at < 100 * 4
+    # Killed mid-run: fewer epoch records than the run has epochs (the newest checkpoint may be a step-checkpoint just
+    # before the epoch's, or have lost its sidecar to the kill, so its step is not asserted).
+    assert 2 <= len((out / "metrics.jsonl").read_text().splitlines()) < 100
     resumed = torchrun("--resume", out, "--no-figures")
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log[-3000:]
