@@ -19,7 +19,7 @@ WORKER = textwrap.dedent(
     import os, sys, pyro, torch
     import pyro.distributions as dist
     from pyro.infer import SVI, Trace_ELBO
-    from pyro_vae.distributed import context_from_env, init, shutdown, wrap
+    from pyro_vae.distributed import context_from_env, init, shutdown, unwrap, wrap
     from pyro_vae.guides.gaussian import MVNDiag
     from pyro_vae.model import VAE
     from pyro_vae.optim import SingleOptimizer
@@ -55,6 +55,7 @@ WORKER = textwrap.dedent(
     if rank == 0:
         torch.save(vae.state_dict(), sys.argv[1])
     if ctx:
+        unwrap(vae)
         shutdown()
     """
 )
