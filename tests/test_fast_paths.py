@@ -8,7 +8,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_vae.guides.gaussian import DiagonalMultivariateNormal, MVNDiag
-from pyro_vae.model import VAE
+from pyro_vae.model import VAE, StandardNormal
 from pyro_vae.optim import adamw
 
 
@@ -18,6 +18,13 @@ class GeneralMVNDiag(MVNDiag):
     def forward(self, raw, context=None):
         loc, scale = self.split(raw)
         return dist.MultivariateNormal(loc, scale_tril=torch.diag_embed(scale))
+
+
+class GeneralPriorVAE(VAE):
+    """The prior built literally: Normal(0, 1).expand([B, L]).to_event(1)."""
+
+    def _prior(self, x):
+        return dist.Normal(x.new_zeros(()), x.new_ones(())).expand([x.shape[0], self.latent_dim]).to_event(1)
 
 
 def pair(dtype=torch.float64, batch=(4,), latent=5):
@@ -71,11 +78,12 @@ def test_validation_still_rejects_bad_scales():
 
 
 def test_default_step_has_the_losses_of_pyro_out_of_the_box():
-    """pyro_vae's step (fast MVN, one fused AdamW, validation off) against Pyro out of the box (general MVN,
-    pyro.optim.AdamW per tensor, validation on), same weights, data and noise: the same losses up to rounding."""
+    """pyro_vae's step (fast MVN and prior, one fused AdamW, validation off) against Pyro out of the box (general
+    MVN and Normal prior, pyro.optim.AdamW per tensor, validation on), same weights, data and noise: the same
+    losses up to rounding."""
     torch.manual_seed(0)
     fast = VAE(20, latent_dim=3, hidden_dims=(16, 8))
-    general = VAE(20, latent_dim=3, hidden_dims=(16, 8), guide=GeneralMVNDiag(3))
+    general = GeneralPriorVAE(20, latent_dim=3, hidden_dims=(16, 8), guide=GeneralMVNDiag(3))
     general.load_state_dict(fast.state_dict())
     x = torch.bernoulli(torch.full((32, 20), 0.3), generator=torch.Generator().manual_seed(1))
     runs = []
@@ -90,3 +98,34 @@ def test_default_step_has_the_losses_of_pyro_out_of_the_box():
     assert runs[0] == pytest.approx(runs[1], rel=1e-5)
     for a, b in zip(fast.parameters(), general.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 6, 4), (4,), (1, 4)])
+def test_standard_normal_prior_is_normal_0_1_bit_for_bit(dtype, shape):
+    like = torch.zeros((), dtype=dtype)
+    fast = StandardNormal(like).expand([6, 4])
+    general = dist.Normal(like.new_zeros(()), like.new_ones(())).expand([6, 4])
+    assert isinstance(fast, dist.Normal) and type(fast) is StandardNormal and fast.loc.dtype == dtype
+    z = (torch.randn(shape, dtype=dtype) * 5).requires_grad_()
+    lp_fast, lp_general = fast.log_prob(z), general.log_prob(z)
+    assert lp_fast.shape == lp_general.shape == torch.broadcast_shapes(shape, (6, 4))
+    assert torch.equal(lp_fast, lp_general)
+    (g_fast,) = torch.autograd.grad(lp_fast.sum(), z)
+    (g_general,) = torch.autograd.grad(lp_general.sum(), z)
+    if z.shape[-2:] == (6, 4):  # the training path: a value per batch element, the same graph up to fewer nodes
+        assert torch.equal(g_fast, g_general)
+    else:  # broadcast values: the backward sums the copies in another order
+        torch.testing.assert_close(g_fast, g_general, rtol=4 * torch.finfo(dtype).eps, atol=0)
+
+
+def test_standard_normal_prior_keeps_the_normal_api():
+    prior = StandardNormal(torch.zeros(())).expand([5, 3]).to_event(1)
+    q = dist.Normal(torch.randn(5, 3), torch.rand(5, 3) + 0.5).to_event(1)
+    expected = dist.Normal(0.0, 1.0).expand([5, 3]).to_event(1)
+    torch.testing.assert_close(
+        torch.distributions.kl_divergence(q, prior), torch.distributions.kl_divergence(q, expected), rtol=0, atol=0
+    )
+    assert prior.rsample((2,)).shape == (2, 5, 3)
+    with pytest.raises(ValueError, match="support"):
+        StandardNormal(torch.zeros(()), validate_args=True).log_prob(torch.tensor(float("nan")))
