@@ -1,5 +1,7 @@
 """Speed-motivated code paths give the results of the general code they replace."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pyro.optim
@@ -8,6 +10,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_vae.guides.gaussian import DiagonalMultivariateNormal, MVNDiag
+from pyro_vae.likelihoods import BernoulliImage, make_likelihood
 from pyro_vae.model import VAE, StandardNormal
 from pyro_vae.optim import adamw
 
@@ -129,3 +132,30 @@ def test_standard_normal_prior_keeps_the_normal_api():
     assert prior.rsample((2,)).shape == (2, 5, 3)
     with pytest.raises(ValueError, match="support"):
         StandardNormal(torch.zeros(()), validate_args=True).log_prob(torch.tensor(float("nan")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("logits_shape", "x_shape"), [((16, 30), (16, 30)), ((5, 16, 30), (16, 30)), ((16, 30), (3, 16, 30))]
+)
+def test_bernoulli_image_is_bernoulli_to_event_bit_for_bit(dtype, logits_shape, x_shape):
+    logits = (torch.randn(logits_shape, dtype=dtype) * 4).requires_grad_()
+    x = torch.bernoulli(torch.full(x_shape, 0.3, dtype=dtype))
+    fast = BernoulliImage(dist.Bernoulli(logits=logits), 1)
+    general = dist.Bernoulli(logits=logits).to_event(1)
+    assert isinstance(fast, dist.Independent) and fast.event_shape == general.event_shape == (30,)
+    lp_fast, lp_general = fast.log_prob(x), general.log_prob(x)
+    assert lp_fast.shape == lp_general.shape and torch.equal(lp_fast, lp_general)
+    (g_fast,) = torch.autograd.grad(lp_fast.sum(), logits)
+    (g_general,) = torch.autograd.grad(lp_general.sum(), logits)
+    assert torch.equal(g_fast, g_general)
+
+
+def test_bernoulli_image_validates_and_expands():
+    fast = BernoulliImage(dist.Bernoulli(logits=torch.zeros(4, 3), validate_args=True), 1)
+    with pytest.raises(ValueError, match="support"):
+        fast.log_prob(torch.full((4, 3), 0.5))
+    expanded = fast.expand([2, 4])
+    assert type(expanded) is BernoulliImage and expanded.batch_shape == (2, 4)
+    torch.testing.assert_close(expanded.log_prob(torch.ones(3)), torch.full((2, 4), -3 * math.log(2.0)))
+    assert make_likelihood("bernoulli")(torch.zeros(2, 3)).__class__ is BernoulliImage
