@@ -159,3 +159,12 @@ def test_bernoulli_image_validates_and_expands():
     assert type(expanded) is BernoulliImage and expanded.batch_shape == (2, 4)
     torch.testing.assert_close(expanded.log_prob(torch.ones(3)), torch.full((2, 4), -3 * math.log(2.0)))
     assert make_likelihood("bernoulli")(torch.zeros(2, 3)).__class__ is BernoulliImage
+
+
+def test_broadcast_scale_matches_the_general_class():
+    loc, scale = torch.randn(3, 4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    fast = DiagonalMultivariateNormal(loc, scale)
+    general = dist.MultivariateNormal(loc, scale_tril=torch.diag_embed(scale))
+    assert fast.batch_shape == general.batch_shape == (3,)
+    z = torch.randn(2, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(fast.log_prob(z), general.log_prob(z), rtol=1e-12, atol=1e-12)

@@ -48,9 +48,13 @@ class DiagonalMultivariateNormal(dist.MultivariateNormal):
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args: bool | None = None):
         if loc.dim() < 1:
             raise ValueError("loc must be at least one-dimensional")
-        batch_shape = torch.broadcast_shapes(loc.shape[:-1], scale.shape[:-1])
-        self.loc = loc.expand(batch_shape + loc.shape[-1:])
-        self._scale = scale.expand(batch_shape + loc.shape[-1:])
+        if loc.shape == scale.shape:  # the families' case: no expand views (and no autograd nodes for them)
+            batch_shape = loc.shape[:-1]
+            self.loc, self._scale = loc, scale
+        else:
+            batch_shape = torch.broadcast_shapes(loc.shape[:-1], scale.shape[:-1])
+            self.loc = loc.expand(batch_shape + loc.shape[-1:])
+            self._scale = scale.expand(batch_shape + loc.shape[-1:])
         # Skip MultivariateNormal.__init__, which needs the matrix. Distribution.__init__ validates loc, but skips
         # the lazy scale_tril, so the diagonal is checked here (a diagonal matrix is a lower Cholesky factor iff
         # its diagonal is positive).
