@@ -223,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--hidden-dims", help="comma-separated encoder widths (default 512,256,128,64)")
     compare.add_argument("--likelihood", type=_choice_type("likelihood", LIKELIHOOD_CHOICES), help="p(x|z)")
     compare.add_argument("--binarize", choices=BINARIZATIONS, help="binarisation protocol (default dynamic)")
-    compare.add_argument("--objective", type=_choice_type("objective", OBJECTIVE_CHOICES), help="ELBO estimator")
+    compare.add_argument(
+        "--objective",
+        type=_choice_type("objective", OBJECTIVE_CHOICES, spec=True),
+        help="ELBO estimator: trace, meanfield, name:K for K particles, or iwae:K[:reparam|stl|dreg] (default trace)",
+    )
     compare.add_argument("--particles", type=_positive(int), help="samples of z per image per step")
     compare.add_argument("--epochs", type=_positive(int), help="passes over the training data (default 20)")
     compare.add_argument("--batch-size", type=_positive(int), help="images per step (default 128)")

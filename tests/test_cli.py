@@ -146,3 +146,13 @@ def test_device_auto_resolves():
     from pyro_vae.train import resolve_device
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_objective_specs_parse_for_train_and_compare(command, capsys):
+    parser = cli.build_parser()
+    assert parser.parse_args([command, "--objective", "iwae:5:dreg"]).objective == "iwae:5:dreg"
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([command, "--objective", "iwea:5"])
+    assert exc.value.code == 2
+    assert "iwae" in capsys.readouterr().err  # the close-match hint
