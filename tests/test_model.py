@@ -139,3 +139,18 @@ def test_to_device_keeps_param_sites_in_sync():
 def test_bad_construction():
     with pytest.raises(ValueError, match="input_dim must be a positive integer"):
         VAE(0)
+
+
+def test_jit_elbos_are_refused_by_name_as_the_readme_says():
+    """Pyro's JIT ELBOs look parameters up in the global param store by name; the VAE's parameters never go there
+    (README, "Use it from Python"). If Pyro ever lifts this, this test fails and the README must change."""
+    import warnings
+
+    from pyro.infer import JitTrace_ELBO
+
+    vae = VAE(20, latent_dim=3, hidden_dims=(16, 8))
+    x = torch.bernoulli(torch.full((8, 20), 0.3))
+    svi = SVI(vae.model, vae.guide, adamw(1e-2), JitTrace_ELBO())
+    with warnings.catch_warnings(), pytest.raises(KeyError, match="encoder"):
+        warnings.simplefilter("ignore")  # torch.jit's tracer warnings are not what this test is about
+        svi.step(x, 100)
