@@ -166,14 +166,19 @@ def combine_mean_se(part: MeanSE, n: int) -> MeanSE:
     return _reduced_mean_se(n * part.mean, (n - 1) * var + n * part.mean**2, n)
 
 
+def sum_over_ranks(*values: float) -> tuple[float, ...]:
+    """Each of ``values`` summed over every rank, all-reduced in float64 (the values themselves outside a process
+    group). Every rank must call it at the same point."""
+    if not dist.is_initialized():
+        return tuple(float(v) for v in values)
+    stats = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(stats)
+    return tuple(stats.cpu().tolist())
+
+
 def _reduced_mean_se(total: float, total_sq: float, count: int) -> MeanSE:
     """Mean ± SE from a sum, a sum of squares and a count, each summed over the ranks first (in float64)."""
-    stats = torch.tensor([total, total_sq, float(count)], dtype=torch.float64)
-    if dist.is_initialized():
-        stats = stats.to(_comm_device())
-        dist.all_reduce(stats)
-        stats = stats.cpu()
-    total, total_sq, count = stats.tolist()
+    total, total_sq, count = sum_over_ranks(total, total_sq, count)
     mean = total / count
     if count < 2:
         return MeanSE(mean, float("nan"))

@@ -44,6 +44,7 @@ from pyro_vae.distributed import (
     combine_mean_se,
     context_from_env,
     noise_seed,
+    sum_over_ranks,
     unwrap,
     wrap,
 )
@@ -73,7 +74,11 @@ __all__ = [
 
 
 class EpochRecord(NamedTuple):
-    """What one epoch produced. ELBOs are in nats per image."""
+    """What one epoch produced. ELBOs are in nats per image.
+
+    ``train_elbo`` is the mean of the epoch's finite per-step minibatch estimates (over every rank's steps under
+    torchrun); ``test_elbo`` is computed on the whole test split after the epoch.
+    """
 
     epoch: int
     step: int
@@ -594,10 +599,12 @@ def fit(
                     result = _evaluate(vae, x_test, tc.seed, ctx)
                     vae.train()
                     epoch_losses = [v for v in losses[epoch_start:step] if math.isfinite(v)]
+                    # Under torchrun, the mean over every rank's steps (each rank's loss is its own shard's estimate).
+                    loss_sum, loss_count = sum_over_ranks(math.fsum(epoch_losses), len(epoch_losses))
                     record = EpochRecord(
                         epoch=epoch,
                         step=step,
-                        train_elbo=-math.fsum(epoch_losses) / max(len(epoch_losses), 1),
+                        train_elbo=-loss_sum / max(loss_count, 1),
                         test_elbo=result.elbo,
                         test_reconstruction=result.reconstruction,
                         test_kl=result.kl,

@@ -19,7 +19,7 @@ WORKER = textwrap.dedent(
     import os, sys, pyro, torch
     import pyro.distributions as dist
     from pyro.infer import SVI, Trace_ELBO
-    from pyro_vae.distributed import context_from_env, init, shutdown, unwrap, wrap
+    from pyro_vae.distributed import context_from_env, init, shutdown, sum_over_ranks, unwrap, wrap
     from pyro_vae.guides.gaussian import MVNDiag
     from pyro_vae.model import VAE
     from pyro_vae.optim import SingleOptimizer
@@ -52,8 +52,10 @@ WORKER = textwrap.dedent(
     FixedNoise.noise = noise[local]
     svi = SVI(vae.model, vae.guide, SingleOptimizer(torch.optim.SGD, {"lr": 0.01}), Trace_ELBO())
     svi.step(data[local], N, local)
+    sums = sum_over_ranks(rank + 1.0, 1)         # 1 + 2 = 3 over two ranks, and a count of 2
     if rank == 0:
         torch.save(vae.state_dict(), sys.argv[1])
+        torch.save(torch.tensor(sums, dtype=torch.float64), sys.argv[1] + ".sums")
     if ctx:
         unwrap(vae)
         shutdown()
@@ -91,6 +93,9 @@ def test_two_process_step_equals_one_process_step_on_the_same_examples(tmp_path)
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+    # sum_over_ranks (behind the reduced train ELBO): the values themselves alone, summed over both ranks under gloo
+    assert torch.load(tmp_path / "one.pt.sums", weights_only=True).tolist() == [1.0, 1.0]
+    assert torch.load(tmp_path / "two.pt.sums", weights_only=True).tolist() == [3.0, 2.0]
 
 
 def test_context_from_env():
