@@ -119,6 +119,35 @@ def _positive(kind):
     return parse
 
 
+def _add_run_flags(parser: argparse.ArgumentParser, *, every_run: bool) -> None:
+    """The data, model and training flags that ``train`` and ``compare`` share (one copy, so the two cannot drift);
+    ``every_run`` words the help for compare, where a flag applies to each of its runs."""
+    each = ", for each run" if every_run else ""
+    parser.add_argument("--config", type=Path, help="JSON run config (sections data/model/train); flags override it")
+    parser.add_argument("--dataset", choices=DATASETS, help="data source (default: embedded, works offline)")
+    parser.add_argument("--data", dest="data_path", help="your .npz file (x, optional y, x_test, y_test)")
+    parser.add_argument("--data-dir", help="directory of Fashion-MNIST IDX files, or the MNIST download root")
+    parser.add_argument("--latent-dim", type=_positive(int), help="latent dimension L (default 16)")
+    parser.add_argument("--hidden-dims", help="comma-separated encoder widths (default 512,256,128,64)")
+    parser.add_argument("--likelihood", type=_choice_type("likelihood", LIKELIHOOD_CHOICES), help="p(x|z)")
+    parser.add_argument("--binarize", choices=BINARIZATIONS, help="binarisation protocol (default dynamic)")
+    parser.add_argument(
+        "--objective",
+        type=_choice_type("objective", OBJECTIVE_CHOICES, spec=True),
+        help="ELBO estimator: trace, meanfield, name:K for K particles, or iwae:K[:reparam|stl|dreg] (default trace)",
+    )
+    parser.add_argument("--particles", type=_positive(int), help="samples of z per image per step")
+    parser.add_argument("--epochs", type=_positive(int), help="passes over the training data (default 20)")
+    parser.add_argument("--batch-size", type=_positive(int), help="images per step (default 128)")
+    parser.add_argument("--lr", type=_positive(float), help="AdamW learning rate (default 1e-3)")
+    parser.add_argument("--clip-norm", type=_positive(float), help="clip the gradient norm")
+    parser.add_argument("--device", choices=DEVICES, help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--threads", type=_positive(int), help=f"torch CPU threads{each}")
+    parser.add_argument("--max-steps", type=_positive(int), help=f"stop after this many steps{each}")
+    parser.add_argument("--n-train", type=_positive(int), help="use only the first N training images")
+    parser.add_argument("--n-test", type=_positive(int), help="use only the first N test images")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyro-vae", description="Pyro variational autoencoders with swappable guide families.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -126,36 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     train = sub.add_parser("train", help="train a VAE and write a run directory")
-    train.add_argument("--config", type=Path, help="JSON run config (sections data/model/train); flags override it")
-    train.add_argument("--dataset", choices=DATASETS, help="data source (default: embedded, works offline)")
-    train.add_argument("--data", dest="data_path", help="your .npz file (x, optional y, x_test, y_test)")
-    train.add_argument("--data-dir", help="directory of Fashion-MNIST IDX files, or the MNIST download root")
     train.add_argument("--guide", type=_choice_type("guide family", GUIDE_CHOICES, spec=True), help="guide family")
-    train.add_argument("--latent-dim", type=_positive(int), help="latent dimension L (default 16)")
-    train.add_argument("--hidden-dims", help="comma-separated encoder widths (default 512,256,128,64)")
-    train.add_argument("--likelihood", type=_choice_type("likelihood", LIKELIHOOD_CHOICES), help="p(x|z)")
-    train.add_argument("--binarize", choices=BINARIZATIONS, help="binarisation protocol (default dynamic)")
-    train.add_argument(
-        "--objective",
-        type=_choice_type("objective", OBJECTIVE_CHOICES, spec=True),
-        help="trace, meanfield, name:K for K particles, or iwae:K[:reparam|stl|dreg] (default trace)",
-    )
     train.add_argument(
         "--kl-schedule",
         type=_choice_type("KL schedule", KL_SCHEDULE_CHOICES, spec=True),
         help="KL weight over training: constant:BETA, linear:STEPS, cyclical:PERIOD[:RATIO], free_bits:NATS",
     )
-    train.add_argument("--particles", type=_positive(int), help="samples of z per image per step")
-    train.add_argument("--epochs", type=_positive(int), help="passes over the training data (default 20)")
-    train.add_argument("--batch-size", type=_positive(int), help="images per step (default 128)")
-    train.add_argument("--lr", type=_positive(float), help="AdamW learning rate (default 1e-3)")
-    train.add_argument("--clip-norm", type=_positive(float), help="clip the gradient norm")
     train.add_argument("--seed", type=int, help="seed of weights, data order and noise (default 0)")
-    train.add_argument("--device", choices=DEVICES, help="auto (CUDA when present), cpu or cuda")
-    train.add_argument("--threads", type=_positive(int), help="torch CPU threads")
-    train.add_argument("--max-steps", type=_positive(int), help="stop after this many steps")
-    train.add_argument("--n-train", type=_positive(int), help="use only the first N training images")
-    train.add_argument("--n-test", type=_positive(int), help="use only the first N test images")
+    _add_run_flags(train, every_run=False)
     train.add_argument("--out", type=Path, help="run directory (default runs/<guide>-<time>)")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     train.add_argument(
@@ -215,29 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated family specs (default {DEFAULT_COMPARE_GUIDES})",
     )
     compare.add_argument("--seeds", type=_positive(int), default=3, help="seeds 0..S-1 for every family (default 3)")
-    compare.add_argument("--config", type=Path, help="JSON run config (sections data/model/train); flags override it")
-    compare.add_argument("--dataset", choices=DATASETS, help="data source (default: embedded, works offline)")
-    compare.add_argument("--data", dest="data_path", help="your .npz file (x, optional y, x_test, y_test)")
-    compare.add_argument("--data-dir", help="directory of Fashion-MNIST IDX files, or the MNIST download root")
-    compare.add_argument("--latent-dim", type=_positive(int), help="latent dimension L (default 16)")
-    compare.add_argument("--hidden-dims", help="comma-separated encoder widths (default 512,256,128,64)")
-    compare.add_argument("--likelihood", type=_choice_type("likelihood", LIKELIHOOD_CHOICES), help="p(x|z)")
-    compare.add_argument("--binarize", choices=BINARIZATIONS, help="binarisation protocol (default dynamic)")
-    compare.add_argument(
-        "--objective",
-        type=_choice_type("objective", OBJECTIVE_CHOICES, spec=True),
-        help="ELBO estimator: trace, meanfield, name:K for K particles, or iwae:K[:reparam|stl|dreg] (default trace)",
-    )
-    compare.add_argument("--particles", type=_positive(int), help="samples of z per image per step")
-    compare.add_argument("--epochs", type=_positive(int), help="passes over the training data (default 20)")
-    compare.add_argument("--batch-size", type=_positive(int), help="images per step (default 128)")
-    compare.add_argument("--lr", type=_positive(float), help="AdamW learning rate (default 1e-3)")
-    compare.add_argument("--clip-norm", type=_positive(float), help="clip the gradient norm")
-    compare.add_argument("--device", choices=DEVICES, help="auto (CUDA when present), cpu or cuda")
-    compare.add_argument("--threads", type=_positive(int), help="torch CPU threads of every run")
-    compare.add_argument("--max-steps", type=_positive(int), help="stop every run after this many steps")
-    compare.add_argument("--n-train", type=_positive(int), help="use only the first N training images")
-    compare.add_argument("--n-test", type=_positive(int), help="use only the first N test images")
+    _add_run_flags(compare, every_run=True)
     compare.add_argument("--out", type=Path, help="output directory (default runs/compare-<time>)")
     compare.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
     compare.add_argument("--no-figures", action="store_true", help="do not write compare.png")
