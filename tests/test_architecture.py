@@ -29,6 +29,7 @@ LAYERS = {
     "checkpoint": 3,
     "optim": 3,
     "distributed": 3,
+    "compile": 3.5,  # the compiled step composes objectives and optim (layer 3) and is called by train (layer 4)
     "train": 4,
     "compare": 5,
     "plotting": 5,

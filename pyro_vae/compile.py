@@ -1,0 +1,291 @@
+r"""A compiled training step: the Pyro ELBO's loss and gradients as one ``torch.compile`` graph.
+
+What ``torch._dynamo`` makes of Pyro 1.9.2 directly (``torch.compile`` of ``Trace_ELBO().differentiable_loss(
+vae.model, vae.guide, x, N, index)``): 12 graphs and 11 graph breaks per step. The breaks are Pyro's messenger
+stack (``sys._getframe``, a ``TypedDict`` with optional keys in ``SubsampleMessenger``) and ``Tensor.item()`` in
+``torch_item``, so the per-step Python this module exists to remove would stay.
+
+Instead the step is traced **once**, below the Python level, with
+:func:`torch.fx.experimental.proxy_tensor.make_fx`: Pyro runs the model and the guide as usual (plates, messengers,
+``param`` and ``sample`` sites, the ELBO's own ``loss_and_grads`` and its ``backward``), and what is recorded is
+the ATen operations they issue, forward and backward. The Python decisions (which sites exist, the plate's N/B
+scale, shapes) are constants of the graph; the tensors (parameters, ``x``, ``index``) are its inputs, and the
+noise is an ``aten.normal_`` node inside it. The graph is then compiled by ``torch.compile`` (Inductor) with
+``fallback_random=True``, so the compiled ``normal_`` draws from torch's default generator exactly as the eager
+step does: compiled and eager steps see the same noise from the same seed. ::
+
+    trace once (make_fx):   params, x, index ──► [model + guide traces, ELBO, backward] ──► loss, grads
+    every step:             loss, grads = compiled(params, x, index)           # one graph (one launch on CUDA)
+                            SingleOptimizer.guard(loss) → optimiser(params)    # the eager guard and fused AdamW
+
+Two of Pyro's helpers would bake values into the graph and are swapped for the trace only (they are restored at
+once): ``torch_item`` (the loss would become a constant; it becomes a detached tensor, the same number) and
+``warn_if_nan`` (reading a traced tensor is an error; the guard checks the loss instead).
+
+What compiles and what falls back (:func:`compile_step` returns ``None`` and logs one line saying why):
+
+* objectives: ``Trace_ELBO`` (``trace``, ``trace:k``), ``TraceMeanField_ELBO`` (``meanfield``), and
+  :class:`~pyro_vae.objectives.IWAE_ELBO` with the ``reparam`` or ``stl`` estimator (its ``differentiable_loss``).
+  ``iwae:k:dreg`` falls back: its two surrogates have no single differentiable loss.
+* a KL schedule falls back: its weight changes every step and would be a constant of the graph.
+* a VAE with routed submodules (DistributedDataParallel) falls back: DDP's gradient hooks are not traceable.
+* a guide family whose program reads a tensor's value in Python (data-dependent control flow) falls back; the
+  trace detects it.
+
+The last, smaller batch of an epoch runs the eager step (:class:`~pyro_vae.optim.GuardedSVI`): shapes are static,
+and a second graph would cost a second compilation to save one eager step per epoch. Steps taken while Pyro
+validation is on run eagerly too, so that validation checks the real Pyro program.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import is_validation_enabled
+
+from pyro_vae.model import VAE
+from pyro_vae.objectives import IWAE_ELBO
+from pyro_vae.optim import GuardedSVI, SingleOptimizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CompiledStep", "compile_step", "trace_step"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tracing
+def _as_tensor(value):
+    return value.detach() if torch.is_tensor(value) else value
+
+
+def _no_warning(value, msg=""):
+    return value
+
+
+@contextlib.contextmanager
+def _items_as_tensors(elbo: ELBO) -> Iterator[None]:
+    """Inside this context the ELBO's modules keep the loss a tensor: ``torch_item`` detaches instead of calling
+    ``.item()``, and ``warn_if_nan`` (which reads the value) does nothing. Both are module globals of Pyro's ELBO
+    modules (and of ours), swapped for the duration of one trace."""
+    modules = {
+        sys.modules[cls.__module__] for cls in type(elbo).__mro__ if cls.__module__.startswith(("pyro", "pyro_vae"))
+    }
+    saved = []
+    for module in modules:
+        for name, stand_in in (("torch_item", _as_tensor), ("warn_if_nan", _no_warning)):
+            if hasattr(module, name):
+                saved.append((module, name, getattr(module, name)))
+                setattr(module, name, stand_in)
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+def _pyro_loss_and_grads(elbo: ELBO, model, guide, args, params) -> torch.Tensor:
+    """Pyro's own ``loss_and_grads``: the gradients land in ``.grad``, the loss comes back as a tensor."""
+    return elbo.loss_and_grads(model, guide, *args)
+
+
+def _differentiable(elbo: ELBO, model, guide, args, params) -> torch.Tensor:
+    """``differentiable_loss`` and its backward, for objectives whose loss is also their surrogate."""
+    loss = elbo.differentiable_loss(model, guide, *args)
+    loss.backward()
+    return loss.detach()
+
+
+#: How each supported objective's loss and gradients are produced under the trace, by exact type: a subclass may
+#: change the maths, so it falls back until it is listed.
+_TRACEABLE: dict[type, Callable[..., torch.Tensor]] = {
+    Trace_ELBO: _pyro_loss_and_grads,
+    TraceMeanField_ELBO: _pyro_loss_and_grads,
+    IWAE_ELBO: _differentiable,
+}
+
+
+@contextlib.contextmanager
+def _offline(device: torch.device) -> Iterator[None]:
+    """Run a step that is not a training step: Pyro validation off and the RNG state restored afterwards, so the
+    caller's noise stream is as if nothing had run."""
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
+    with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+        yield
+
+
+def _param_leaves(model, guide, args) -> list[torch.Tensor]:
+    """The unconstrained tensors of every ``param`` site of the model and the guide (what SVI would step)."""
+    leaves: dict[int, torch.Tensor] = {}
+    for program in (guide, model):
+        trace = poutine.trace(program, param_only=True).get_trace(*args)
+        for site in trace.nodes.values():
+            leaf = site["value"].unconstrained()
+            if leaf.requires_grad:
+                leaves.setdefault(id(leaf), leaf)
+    return list(leaves.values())
+
+
+def trace_step(elbo: ELBO, model, guide, params: list[torch.Tensor], x: torch.Tensor, num_data: int, index):
+    """Trace one ELBO step of ``model`` and ``guide`` into an FX graph of ATen operations.
+
+    The trace runs the step for real on ``x`` (``(B, D)``) and ``index`` (``(B,)``), with Pyro validation off and
+    the RNG state restored afterwards, so it neither draws from the caller's noise stream nor leaves gradients.
+
+    :returns: a :class:`torch.fx.GraphModule` ``graph(params, x, index) -> (loss, grads)``: the loss as a 0-dim
+        tensor and one gradient per parameter (``None`` where a parameter gets none).
+    :raises RuntimeError: when the program reads a traced tensor's value in Python (data-dependent control flow).
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    run = _TRACEABLE[type(elbo)]
+
+    def step(params, x, index):
+        for p in params:
+            p.grad = None
+        loss = run(elbo, model, guide, (x, num_data, index), params)
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        return loss, grads
+
+    with _offline(x.device), _items_as_tensors(elbo):
+        return make_fx(step)(params, x, index)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The step
+def _fallback_reason(vae: VAE, elbo: ELBO, kl_schedule: Any) -> str | None:
+    if type(elbo) not in _TRACEABLE:
+        names = ", ".join(sorted(cls.__name__ for cls in _TRACEABLE))
+        return f"objective {type(elbo).__name__} has no traceable loss (compiled: {names})"
+    if getattr(elbo, "estimator", None) == "dreg":
+        return "the dreg estimator gives the encoder and the decoder two surrogates, so it has no single graph"
+    if kl_schedule is not None:
+        return "a KL schedule's weight changes every step and would be frozen into the graph"
+    if vae._routes:
+        return f"routed submodules ({', '.join(sorted(vae._routes))}, e.g. DistributedDataParallel) are not traceable"
+    return None
+
+
+def compile_step(
+    vae: VAE,
+    elbo: ELBO,
+    optimizer: SingleOptimizer,
+    *,
+    num_data: int,
+    batch_size: int,
+    device: torch.device | str,
+    kl_schedule: Any = None,
+    mode: str | None = None,
+) -> CompiledStep | None:
+    """Build the compiled training step of ``vae`` under ``elbo``, or ``None`` (with one log line saying why)
+    when this configuration cannot compile, in which case the caller runs its eager step.
+
+    The graph is traced here, on a batch of zeros of the static shape ``(batch_size, vae.input_dim)``; Inductor
+    compiles it on the first full-size step (seconds to minutes: see ``benchmarks/compile_speed.py``).
+
+    :param VAE vae: the model, already on ``device``.
+    :param ELBO elbo: the objective (see the module docstring for which compile).
+    :param SingleOptimizer optimizer: the optimiser; its guard and fused step run after the graph, unchanged.
+    :param int num_data: N, the plate's full size (sets the N/B scale, a constant of the graph).
+    :param int batch_size: B, the static batch size; other batch sizes run eagerly.
+    :param device: the device the step runs on. On CUDA the default mode is ``"reduce-overhead"`` (CUDA graphs).
+    :param kl_schedule: the KL schedule, if any (a schedule falls back to eager).
+    :param mode: a ``torch.compile`` mode overriding the default (``None`` on CPU, ``"reduce-overhead"`` on CUDA).
+    """
+    device = torch.device(device)
+    reason = _fallback_reason(vae, elbo, kl_schedule)
+    if reason is None:
+        model, guide = vae.model, vae.guide
+        example = torch.zeros(batch_size, vae.input_dim, device=device)
+        index = torch.arange(batch_size, device=device)
+        with _offline(device):
+            params = _param_leaves(model, guide, (example, num_data, index))
+        try:
+            graph = trace_step(elbo, model, guide, params, example, num_data, index)
+        except (RuntimeError, NotImplementedError) as error:
+            reason = f"the program could not be traced ({str(error).splitlines()[0]})"
+    if reason is not None:
+        logger.info("compile: falling back to the eager step: %s", reason)
+        return None
+    if mode is None and device.type == "cuda":
+        mode = "reduce-overhead"
+    logger.info("compile: traced the step (%d graph nodes); mode=%s", len(graph.graph.nodes), mode)
+    return CompiledStep(vae, elbo, optimizer, graph, params, num_data=num_data, batch_size=batch_size, mode=mode)
+
+
+class CompiledStep:
+    """One SVI step, ``step(x, index) -> float`` (the loss, summed over the batch and scaled by N/B as Pyro's
+    ELBOs report it), run by a compiled graph for batches of the static size and eagerly otherwise.
+
+    Per compiled step: the graph gives the loss and every gradient; :meth:`SingleOptimizer.guard` reads the loss
+    (one host sync) and, when it is not finite, replays the step eagerly with the same noise to name the site;
+    :class:`~pyro_vae.optim.SingleOptimizer` then checks the gradient norm and takes the fused AdamW step, or
+    refuses it (raise or skip), exactly as in the eager step. Build it with :func:`compile_step`.
+
+    :ivar int compiled_steps: steps taken by the graph.
+    :ivar int eager_steps: steps taken eagerly (a smaller batch, or Pyro validation on).
+    """
+
+    def __init__(
+        self,
+        vae: VAE,
+        elbo: ELBO,
+        optimizer: SingleOptimizer,
+        graph: torch.fx.GraphModule,
+        params: list[torch.Tensor],
+        *,
+        num_data: int,
+        batch_size: int,
+        mode: str | None,
+    ):
+        self.vae = vae
+        self.optimizer = optimizer
+        self.graph = graph
+        self.params = params
+        self.num_data = num_data
+        self.batch_size = batch_size
+        self.mode = mode
+        self.compiled_steps = 0
+        self.eager_steps = 0
+        self._cuda_graphs = mode in ("reduce-overhead", "max-autotune")
+        if self._cuda_graphs:
+            for p in params:  # parameters stay at one address, so CUDA graphs need not copy them in per replay
+                torch._dynamo.mark_static_address(p)
+        # fallback_random: Inductor calls ATen's normal_ (the default generator) instead of its own Philox stream.
+        self._compiled = torch.compile(graph, fullgraph=True, mode=mode, options={"fallback_random": True})
+        self._eager = GuardedSVI(vae.model, vae.guide, optimizer, elbo)
+        self._guarded = optimizer.guard(self._loss_and_grads)
+
+    def _loss_and_grads(self, model, guide, x, num_data, index) -> torch.Tensor:
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.no_grad():  # the graph computes its own gradients; autograd must not wrap it again
+            loss, grads = self._compiled(self.params, x, index)
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = g
+        return loss
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> float:
+        """Take one step on the minibatch ``x`` (``(B, D)``) at positions ``index`` (``(B,)``) of the data set.
+
+        :returns: the loss (negative ELBO estimate) as a float.
+        :raises NonFiniteLossError: from the guard, as in the eager step.
+        """
+        if x.shape[0] != self.batch_size or is_validation_enabled():
+            self.eager_steps += 1
+            return self._eager.step(x, self.num_data, index)
+        loss = float(self._guarded(self.vae.model, self.vae.guide, x, self.num_data, index))
+        self.optimizer(self.params)
+        self.compiled_steps += 1
+        return loss
