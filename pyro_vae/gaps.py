@@ -109,32 +109,24 @@ class GapResult(NamedTuple):
         return out
 
 
-def _raw_and_context(vae: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    # What the amortised guide feeds its family: the encoder's raw output, and its features for context families.
-    if vae.family.uses_context:
-        features = vae.encoder.features(x)  # (B, H)
-        return vae.encoder.head(features), features
-    return vae.encoder(x), None
-
-
-def _local_guide(vae: VAE, raw: torch.Tensor, context: torch.Tensor | None):
+def _local_guide(vae: VAE, raw: torch.Tensor):
     """A guide whose q(z | x_i) is ``family(raw_i)``: per-image parameters instead of the encoder."""
 
     def guide(x: torch.Tensor, num_data: int | None = None, index: torch.Tensor | None = None) -> None:
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", vae.family(raw, context=context))
+            pyro.sample("z", vae.family(raw))
 
     return guide
 
 
-def _refine(vae, x, raw0, context, *, steps: int, lr: float, particles: int, validate: bool) -> torch.Tensor:
+def _refine(vae, x, raw0, *, steps: int, lr: float, particles: int, validate: bool) -> torch.Tensor:
     """``steps`` Adam steps on each image's ELBO w.r.t. its own raw parameters, from ``raw0``; lr decays linearly
     to 0 so that the last steps settle instead of jittering at the Monte Carlo noise floor."""
     raw = raw0.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([raw], lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 - t / steps)
     elbo = Trace_ELBO(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=MAX_PLATE_NESTING)
-    guide = _local_guide(vae, raw, context)
+    guide = _local_guide(vae, raw)
     with torch.enable_grad():
         for step in range(steps):
             # The loss is a sum over images and each image's raw row enters only its own term, so one Adam over the
@@ -148,9 +140,9 @@ def _refine(vae, x, raw0, context, *, steps: int, lr: float, particles: int, val
     return raw.detach()
 
 
-def _log_weights(vae, x, raw, context, num_particles: int, chunk_size: int) -> torch.Tensor:
+def _log_weights(vae, x, raw, num_particles: int, chunk_size: int) -> torch.Tensor:
     """``(K, B)`` log importance weights with q = family(raw), in passes of at most ``chunk_size`` rows."""
-    guide = _local_guide(vae, raw, context)
+    guide = _local_guide(vae, raw)
     per_pass = max(1, chunk_size // x.shape[0])
     out = []
     for first in range(0, num_particles, per_pass):
@@ -203,14 +195,14 @@ def inference_gaps(
         with own_rng(x, seed):
             for chunk, start in enumerate(range(0, x.shape[0], images_per_chunk)):
                 xb = x[start : start + images_per_chunk]  # (B, D)
-                raw0, context = _raw_and_context(vae, xb)
+                raw0 = vae.encoder(xb)  # (B, num_params): what the amortised guide feeds its family
                 refined = _refine(
-                    vae, xb, raw0, context, steps=steps, lr=lr, particles=particles, validate=validate and chunk == 0
+                    vae, xb, raw0, steps=steps, lr=lr, particles=particles, validate=validate and chunk == 0
                 )
                 with pyro.validation_enabled(False):
-                    amortised = _log_weights(vae, xb, raw0, context, elbo_samples, chunk_size).mean(0)
-                    refined_elbo = _log_weights(vae, xb, refined, context, elbo_samples, chunk_size).mean(0)
-                    log_px = log_mean_exp(_log_weights(vae, xb, refined, context, k, chunk_size), 0)
+                    amortised = _log_weights(vae, xb, raw0, elbo_samples, chunk_size).mean(0)
+                    refined_elbo = _log_weights(vae, xb, refined, elbo_samples, chunk_size).mean(0)
+                    log_px = log_mean_exp(_log_weights(vae, xb, refined, k, chunk_size), 0)
                 for key, value in (
                     ("log_px", log_px),
                     ("amortised", amortised),
