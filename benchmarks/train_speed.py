@@ -2,9 +2,9 @@
 
 Contenders (same initial weights, same batches, each with its own copy of the same RNG stream):
 
-* ``a`` — pyro_vae's default step: ``GuardedSVI(vae.model, vae.guide, adamw(), Trace_ELBO())`` (one fused AdamW
-  behind the non-finite guard) called with the batch's indices, validation off, exactly as :func:`pyro_vae.fit` runs
-  it after the first step;
+* ``a`` — pyro_vae's default step: ``TrainStep(vae, TrainConfig(lr=1e-3), num_data=N).step(x, index)``, the step
+  :func:`pyro_vae.fit` calls (``Trace_ELBO``, one fused AdamW behind the non-finite guard, validation on for the
+  first step only);
 * ``b`` — hand-written PyTorch VAE over the same networks: reparameterisation by hand, closed-form KL, Bernoulli
   log-likelihood from logits, default ``torch.optim.AdamW``;
 * ``c`` — ``b`` with ``fused=True``;
@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_vae.config import DataConfig
+from pyro_vae.config import DataConfig, TrainConfig
 from pyro_vae.data import EpochBatches, load_dataset
 from pyro_vae.guides.gaussian import MVNDiag
 from pyro_vae.model import VAE
-from pyro_vae.optim import GuardedSVI, adamw
+from pyro_vae.step import TrainStep
 
 LR = 1e-3
 
@@ -49,7 +49,7 @@ LR = 1e-3
 class LiteralMVNDiag(MVNDiag):
     """The seed family as a user would write it, without pyro_vae's diagonal fast path."""
 
-    def forward(self, raw, context=None):
+    def forward(self, raw):
         loc, scale = self.split(raw)
         return pyro.distributions.MultivariateNormal(loc, scale_tril=torch.diag_embed(scale))
 
@@ -90,14 +90,8 @@ def make_pyro_step(vae: VAE, num_data: int, out_of_the_box: bool):
             with pyro.validation_enabled(True):
                 return svi.step(x, num_data) / num_data
 
-    else:
-        svi = GuardedSVI(vae.model, vae.guide, adamw(LR), Trace_ELBO())
-
-        def step(x, index):
-            with pyro.validation_enabled(False):
-                return svi.step(x, num_data, index) / num_data
-
-    return step
+        return step
+    return TrainStep(vae, TrainConfig(lr=LR), num_data=num_data).step
 
 
 def make_torch_step(vae: VAE, num_data: int, fused: bool):

@@ -109,32 +109,24 @@ class GapResult(NamedTuple):
         return out
 
 
-def _raw_and_context(vae: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    # What the amortised guide feeds its family: the encoder's raw output, and its features for context families.
-    if vae.family.uses_context:
-        features = vae.encoder.features(x)  # (B, H)
-        return vae.encoder.head(features), features
-    return vae.encoder(x), None
-
-
-def _local_guide(vae: VAE, raw: torch.Tensor, context: torch.Tensor | None):
+def _local_guide(vae: VAE, raw: torch.Tensor):
     """A guide whose q(z | x_i) is ``family(raw_i)``: per-image parameters instead of the encoder."""
 
     def guide(x: torch.Tensor, num_data: int | None = None, index: torch.Tensor | None = None) -> None:
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", vae.family(raw, context=context))
+            pyro.sample("z", vae.family(raw))
 
     return guide
 
 
-def _refine(vae, x, raw0, context, *, steps: int, lr: float, particles: int, validate: bool) -> torch.Tensor:
+def _refine(vae, x, raw0, *, steps: int, lr: float, particles: int, validate: bool) -> torch.Tensor:
     """``steps`` Adam steps on each image's ELBO w.r.t. its own raw parameters, from ``raw0``; lr decays linearly
     to 0 so that the last steps settle instead of jittering at the Monte Carlo noise floor."""
     raw = raw0.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([raw], lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 - t / steps)
     elbo = Trace_ELBO(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=MAX_PLATE_NESTING)
-    guide = _local_guide(vae, raw, context)
+    guide = _local_guide(vae, raw)
     with torch.enable_grad():
         for step in range(steps):
             # The loss is a sum over images and each image's raw row enters only its own term, so one Adam over the
@@ -148,15 +140,39 @@ def _refine(vae, x, raw0, context, *, steps: int, lr: float, particles: int, val
     return raw.detach()
 
 
-def _log_weights(vae, x, raw, context, num_particles: int, chunk_size: int) -> torch.Tensor:
+def _log_weights(vae, x, raw, num_particles: int, chunk_size: int) -> torch.Tensor:
     """``(K, B)`` log importance weights with q = family(raw), in passes of at most ``chunk_size`` rows."""
-    guide = _local_guide(vae, raw, context)
+    guide = _local_guide(vae, raw)
     per_pass = max(1, chunk_size // x.shape[0])
     out = []
     for first in range(0, num_particles, per_pass):
         count = min(per_pass, num_particles - first)
         out.append(log_weights(*particle_traces(vae.model, guide, count, (x,)), count).log_weight)
     return torch.cat(out)
+
+
+def _check_arguments(x: torch.Tensor, *, lr, chunk_size, **counts) -> None:
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ConfigError(f"chunk_size must be a positive integer (particles × images per pass), got {chunk_size!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ConfigError(f"lr must be a positive number, got {lr!r}")
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise DataError(f"inference_gaps needs images of shape (N, D) with N >= 1, got {tuple(x.shape)}")
+
+
+def _chunk_gaps(vae, xb: torch.Tensor, *, k: int, elbo_samples: int, chunk_size: int, **refine) -> GapImages:
+    """The per-image columns of :class:`GapImages` for the images ``xb`` (B, D), float64 on the CPU; ``refine``
+    holds :func:`_refine`'s options."""
+    raw0 = vae.encoder(xb)  # (B, num_params): what the amortised guide feeds its family
+    refined = _refine(vae, xb, raw0, **refine)
+    with pyro.validation_enabled(False):
+        amortised = _log_weights(vae, xb, raw0, elbo_samples, chunk_size).mean(0)
+        refined_elbo = _log_weights(vae, xb, refined, elbo_samples, chunk_size).mean(0)
+        log_px = log_mean_exp(_log_weights(vae, xb, refined, k, chunk_size), 0)
+    return GapImages(*(value.double().cpu() for value in (log_px, amortised, refined_elbo, refined)))
 
 
 @torch.no_grad()
@@ -185,42 +201,21 @@ def inference_gaps(
     :param int seed: seed of all the noise.
     :returns: a :class:`GapResult`.
     """
-    for name, value in (("k", k), ("steps", steps), ("particles", particles), ("elbo_samples", elbo_samples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ConfigError(f"chunk_size must be a positive integer (particles × images per pass), got {chunk_size!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ConfigError(f"lr must be a positive number, got {lr!r}")
-    if x.dim() != 2 or x.shape[0] == 0:
-        raise DataError(f"inference_gaps needs images of shape (N, D) with N >= 1, got {tuple(x.shape)}")
+    _check_arguments(x, k=k, steps=steps, lr=lr, particles=particles, elbo_samples=elbo_samples, chunk_size=chunk_size)
     images_per_chunk = max(1, chunk_size // particles)
     validate = is_validation_enabled()
-    columns: dict[str, list[torch.Tensor]] = {"log_px": [], "amortised": [], "refined": [], "raw": []}
+    chunks: list[GapImages] = []
     was_training = vae.training
     vae.eval()
     try:
         with own_rng(x, seed):
             for chunk, start in enumerate(range(0, x.shape[0], images_per_chunk)):
                 xb = x[start : start + images_per_chunk]  # (B, D)
-                raw0, context = _raw_and_context(vae, xb)
-                refined = _refine(
-                    vae, xb, raw0, context, steps=steps, lr=lr, particles=particles, validate=validate and chunk == 0
-                )
-                with pyro.validation_enabled(False):
-                    amortised = _log_weights(vae, xb, raw0, context, elbo_samples, chunk_size).mean(0)
-                    refined_elbo = _log_weights(vae, xb, refined, context, elbo_samples, chunk_size).mean(0)
-                    log_px = log_mean_exp(_log_weights(vae, xb, refined, context, k, chunk_size), 0)
-                for key, value in (
-                    ("log_px", log_px),
-                    ("amortised", amortised),
-                    ("refined", refined_elbo),
-                    ("raw", refined),
-                ):
-                    columns[key].append(value.double().cpu())
+                refine = {"steps": steps, "lr": lr, "particles": particles, "validate": validate and chunk == 0}
+                chunks.append(_chunk_gaps(vae, xb, k=k, elbo_samples=elbo_samples, chunk_size=chunk_size, **refine))
     finally:
         vae.train(was_training)
-    images = GapImages(*(torch.cat(columns[key]) for key in ("log_px", "amortised", "refined", "raw")))
+    images = GapImages(*(torch.cat(column) for column in zip(*chunks, strict=True)))
     return GapResult(
         family=vae.family.name,
         log_px=mean_se(images.log_px),

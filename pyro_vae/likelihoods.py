@@ -14,8 +14,9 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions.utils import _sum_rightmost, broadcast_all
+from torch.distributions.utils import broadcast_all
 
+from pyro_vae._compat import sum_rightmost
 from pyro_vae.errors import unknown_choice
 
 _REGISTRY: dict[str, type[Likelihood]] = {}
@@ -80,7 +81,7 @@ class BernoulliImage(dist.Independent):
             base._validate_sample(value)
         logits, value = broadcast_all(base.logits, value)
         bce = F.binary_cross_entropy_with_logits(logits, value, reduction="none")
-        return _sum_rightmost(bce, self.reinterpreted_batch_ndims).neg()
+        return sum_rightmost(bce, self.reinterpreted_batch_ndims).neg()
 
 
 @register

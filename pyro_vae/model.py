@@ -20,30 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.poutine.runtime import effectful
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 
+from pyro_vae._compat import announce_param, tag_module_param
 from pyro_vae.config import ModelConfig
 from pyro_vae.guides import GuideFamily, make_family
 from pyro_vae.likelihoods import Likelihood, make_likelihood
 from pyro_vae.networks import Decoder, Encoder
-
-
-def _own_value(name: str, value: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return value
-
-
-# A ``param`` site whose value is the given tensor itself, so that SVI finds and optimises it. Built once: wrapping
-# per call would cost a functools.wraps on every parameter of every step.
-_announce_param = effectful(_own_value, type="param")
-
 
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))  # the very constant torch's Normal.log_prob subtracts
 
@@ -128,7 +118,9 @@ class VAE(nn.Module):
         self.family = family
         self.likelihood = make_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
         self.encoder = Encoder(input_dim, hidden_dims, family.num_params, activation)
-        self.decoder = Decoder(latent_dim, tuple(reversed(tuple(hidden_dims))), self.likelihood.output_dim(input_dim))
+        self.decoder = Decoder(
+            latent_dim, tuple(reversed(tuple(hidden_dims))), self.likelihood.output_dim(input_dim), activation
+        )
         self._arange_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._prior_cache: dict[tuple, dist.TorchDistribution] = {}
         self._routes: dict[str, nn.Module] = {}
@@ -157,9 +149,8 @@ class VAE(nn.Module):
             sites = []
             for prefix in _PARAM_GROUPS[group]:
                 for name, p in getattr(self, prefix).named_parameters():
-                    p.unconstrained = weakref.ref(p)  # SVI asks every param site for its unconstrained tensor
-                    p._pyro_vae_site_name = f"{prefix}.{name}"  # orders SingleOptimizer's state deterministically
-                    sites.append((p._pyro_vae_site_name, p))
+                    tag_module_param(p, f"{prefix}.{name}")  # the name orders SingleOptimizer's state
+                    sites.append((f"{prefix}.{name}", p))
             self._param_cache[group] = sites
         return sites
 
@@ -179,8 +170,11 @@ class VAE(nn.Module):
         return pyro.plate("data", size=num_data if num_data is not None else batch, subsample=index)
 
     def _prior(self, x: torch.Tensor) -> dist.TorchDistribution:
-        """N(0, I) over ``(B, L)``; cached per batch size, device and dtype (distributions are immutable)."""
-        key = (x.shape[0], x.device, x.dtype)
+        """N(0, I) over ``(B, L)``; cached per batch size, device, dtype and validation setting (distributions are
+        immutable). A distribution keeps the validation setting it was built under: a prior built during the
+        validated first step and reused afterwards would go on validating, and a NaN latent would then raise Pyro's
+        ``ValueError`` instead of reaching the non-finite guard as a NaN loss."""
+        key = (x.shape[0], x.device, x.dtype, is_validation_enabled())
         prior = self._prior_cache.get(key)
         if prior is None:
             prior = StandardNormal(x).expand([x.shape[0], self.latent_dim]).to_event(1)
@@ -196,7 +190,7 @@ class VAE(nn.Module):
         :param index: positions of the minibatch in the data set, ``(B,)`` (default ``arange(B)``).
         """
         for name, p in self._param_sites("model"):
-            _announce_param(name, p, constraint=constraints.real, event_dim=None, name=name)
+            announce_param(name, p, constraint=constraints.real, event_dim=None, name=name)
         with self._plate(x, num_data, index):
             prior = self._prior(x)
             z = pyro.sample("z", prior)  # (B, L), or (P, B, L) with vectorised particles
@@ -205,7 +199,7 @@ class VAE(nn.Module):
     def guide(self, x: torch.Tensor, num_data: int | None = None, index: torch.Tensor | None = None) -> None:
         """The amortised guide q(z | x): ``family(encoder(x))``. Takes the same arguments as :meth:`model`."""
         for name, p in self._param_sites("guide"):
-            _announce_param(name, p, constraint=constraints.real, event_dim=None, name=name)
+            announce_param(name, p, constraint=constraints.real, event_dim=None, name=name)
         with self._plate(x, num_data, index):
             pyro.sample("z", self._posterior(x))
 
@@ -242,11 +236,7 @@ class VAE(nn.Module):
             self._routes = routes
 
     def _posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
-        family = self._run("family")
-        if self.family.uses_context:
-            raw, features = self._run("encoder")(x, with_features=True)  # (B, num_params), (B, H)
-            return family(raw, context=features)
-        return family(self._run("encoder")(x))
+        return self._run("family")(self._run("encoder")(x))  # raw: (B, num_params)
 
     def encode(self, x: torch.Tensor) -> dist.TorchDistribution:
         """q(z | x) for a batch ``(B, D)``: batch_shape ``(B,)``, event_shape ``(L,)``."""

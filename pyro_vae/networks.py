@@ -44,7 +44,7 @@ class Encoder(nn.Module):
 
     With the seed widths ``(512, 256, 128, 64)`` this is ``D→512→256→128→64→num_params``, SiLU between layers:
     the last layer is ``Linear(hidden_dims[-1], num_params)``, i.e. the seed's ``Linear(hidden // 8, 2 * L)`` for the
-    ``mvn_diag`` family. :meth:`features` exposes the last hidden layer, which flow families may use as context.
+    ``mvn_diag`` family.
 
     :param int input_dim: D, taken from the data.
     :param hidden_dims: hidden widths from the input side.
@@ -61,19 +61,8 @@ class Encoder(nn.Module):
         self.body.append(_ACTIVATIONS[activation]())
         self.head = nn.Linear(hidden_dims[-1], num_params)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Last hidden layer, ``(B, hidden_dims[-1])``."""
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor, with_features: bool = False):
-        """Raw output ``(B, num_params)``; with ``with_features``, also the last hidden layer ``(B, H)``.
-
-        The features come out of ``forward`` (rather than a second method) so that wrappers such as
-        ``DistributedDataParallel``, which intercept ``forward`` only, see every use of the parameters.
-        """
-        features = self.body(x)  # (B, H)
-        raw = self.head(features)  # (B, num_params)
-        return (raw, features) if with_features else raw
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))  # (B, D) → (B, H) → (B, num_params)
 
 
 class Decoder(nn.Module):

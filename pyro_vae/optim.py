@@ -29,6 +29,7 @@ from pyro import poutine
 from pyro.infer import SVI
 from pyro.optim import PyroOptim
 
+from pyro_vae._compat import fused_optimizer_devices, module_param_name
 from pyro_vae.config import NONFINITE_POLICIES
 from pyro_vae.errors import ConfigError, NonFiniteLossError, unknown_choice
 
@@ -40,11 +41,12 @@ __all__ = ["GuardedSVI", "NonFiniteStep", "SingleOptimizer", "adamw", "nonfinite
 class NonFiniteStep(NamedTuple):
     """A step the guard refused.
 
-    :ivar str kind: ``"loss"`` or ``"gradient"``.
-    :ivar float loss: the loss of that step (NaN or ±inf for ``kind="loss"``).
-    :ivar tuple names: for a gradient, the parameters whose gradient is not finite; for the loss, the sample sites
-        whose value or log-density is not finite in a replay of the step (same inputs, same noise), in execution
-        order, e.g. ``("model site 'z' (log_prob -inf)",)``.
+    :ivar str kind: ``"loss"``, ``"gradient"`` or ``"value"`` (Pyro's validation refused a non-finite parameter or
+        value while the step was traced, so there is no loss).
+    :ivar float loss: the loss of that step (NaN or ±inf for ``kind="loss"``, NaN for ``"value"``).
+    :ivar tuple names: for a gradient, the parameters whose gradient is not finite (never empty); for the loss and
+        a value, the parameters and sample sites that are not finite in a replay of the step (same inputs, same
+        noise, validation off), in execution order, e.g. ``("model site 'z' (log_prob -inf)",)``.
     :ivar int optimizer_step: the number the refused step would have had (``steps + 1``).
     """
 
@@ -58,6 +60,11 @@ class NonFiniteStep(NamedTuple):
         if self.kind == "gradient":
             where = ", ".join(self.names[:5]) + (" …" if len(self.names) > 5 else "")
             return f"non-finite gradient at optimiser step {self.optimizer_step} in {where}"
+        if self.kind == "value":
+            where = f"first at {self.names[0]}" + (
+                f" (then {', '.join(self.names[1:4])})" if len(self.names) > 1 else ""
+            )
+            return f"non-finite value at optimiser step {self.optimizer_step} (Pyro's validation refused it), {where}"
         where = (
             f"first at {self.names[0]}" + (f" (then {', '.join(self.names[1:4])})" if len(self.names) > 1 else "")
             if self.names
@@ -76,22 +83,28 @@ def nonfinite_sites(
     """Replay ``guide`` and ``model`` on the same inputs and name the sites that are not finite.
 
     The guide is traced and the model replayed on its samples, as :class:`~pyro.infer.Trace_ELBO` does, under
-    :func:`torch.no_grad` and a forked RNG stream (so the caller's noise is not consumed). Given ``rng_state`` (the
-    CPU generator's state before the step) the replay draws the very noise of that step.
+    :func:`torch.no_grad`, validation off and a forked RNG stream (so the caller's noise is not consumed). Given
+    ``rng_state`` (the CPU generator's state before the step) the replay draws the very noise of that step.
 
     :returns: descriptions such as ``"guide param 'encoder.net.0.weight'"`` or ``"model site 'x' (log_prob nan)"``,
-        in execution order (the first one is the cause, the later ones usually its consequences).
+        in execution order (the first one is the cause, the later ones usually its consequences); a replay that
+        raises itself is described as such.
     """
+    try:
+        return _replay_nonfinite(model, guide, args, kwargs, rng_state)
+    except (ValueError, RuntimeError) as err:
+        return [f"a replay of the step that failed itself ({type(err).__name__}: {str(err).splitlines()[0]})"]
+
+
+def _replay_nonfinite(model: Callable, guide: Callable, args: tuple, kwargs: dict, rng_state) -> list[str]:
+    """:func:`nonfinite_sites` without the error handling: a replay that fails raises."""
     found: list[str] = []
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
         if rng_state is not None:
             torch.set_rng_state(rng_state)
-        try:
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-        except (ValueError, RuntimeError) as err:
-            return [f"a replay of the step that failed itself ({type(err).__name__}: {str(err).splitlines()[0]})"]
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
         for program, trace in (("guide", guide_trace), ("model", model_trace)):
             for name, site in trace.nodes.items():
                 if site["type"] == "param" and not _finite(site["value"]):
@@ -109,9 +122,7 @@ def nonfinite_sites(
 
 def _param_name(p: torch.Tensor) -> str:
     """Stable name of a parameter SVI handed over: its VAE site name, else its Pyro param-store name."""
-    import pyro
-
-    name = getattr(p, "_pyro_vae_site_name", None) or pyro.get_param_store()._param_to_name.get(p)
+    name = module_param_name(p) or pyro.get_param_store().param_name(p)
     if name is None:
         raise TypeError(
             f"cannot order a parameter of shape {tuple(p.shape)} that has no Pyro name; create it with "
@@ -121,10 +132,19 @@ def _param_name(p: torch.Tensor) -> str:
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    supported = set(_get_fused_kernels_supported_devices())
+    supported = fused_optimizer_devices()
     return all(p.device.type in supported and p.dtype.is_floating_point for p in params)
+
+
+def _wide_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The total 2-norm of finite gradients whose norm overflowed in their own precision: in float64, after dividing
+    by the largest ``|g|``, so that the sum of squares cannot overflow (it is at most the number of elements). It is
+    infinite only when the norm itself exceeds float64's range (about 1.8e308)."""
+    grads = [g for g in grads if g.numel()]
+    largest = max((float(g.abs().max()) for g in grads), default=0.0)
+    if largest == 0.0:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.nn.utils.get_total_norm([g.double() / largest for g in grads], foreach=True) * largest
 
 
 class SingleOptimizer(PyroOptim):
@@ -214,12 +234,20 @@ class SingleOptimizer(PyroOptim):
         """Wrap an ELBO's ``loss_and_grads(model, guide, *args, **kwargs)`` so that the loss it returns reaches this
         optimiser's non-finite guard before the step. A non-finite loss is diagnosed at once, by replaying the step
         with the same noise (:func:`nonfinite_sites`); a finite one costs a ``math.isfinite`` and an RNG-state copy.
+
+        With Pyro's validation on, a non-finite parameter or sample makes Pyro raise a ``ValueError`` before there
+        is a loss. If a replay of the step (validation off) finds non-finite values, the step is refused like a
+        non-finite loss (``kind="value"``, returned loss NaN); any other ``ValueError`` propagates unchanged.
         """
 
         @functools.wraps(loss_and_grads)
         def guarded(model, guide, *args, **kwargs):
             rng_state = torch.get_rng_state()  # about a microsecond; lets a bad step be replayed exactly
-            loss = loss_and_grads(model, guide, *args, **kwargs)
+            try:
+                loss = loss_and_grads(model, guide, *args, **kwargs)
+            except ValueError as err:
+                self._bad_loss = self._diagnose_validation_error(err, model, guide, args, kwargs, rng_state)
+                return float("nan")
             value = float(loss) if not isinstance(loss, tuple) else math.fsum(map(float, loss))
             if not math.isfinite(value):
                 names = nonfinite_sites(model, guide, *args, rng_state=rng_state, **kwargs)
@@ -228,22 +256,31 @@ class SingleOptimizer(PyroOptim):
 
         return guarded
 
+    def _diagnose_validation_error(
+        self, err: ValueError, model: Callable, guide: Callable, args: tuple, kwargs: dict, rng_state: torch.Tensor
+    ) -> NonFiniteStep:
+        """The refused step behind a ``ValueError`` raised while the step was traced, or ``err`` itself re-raised
+        when a replay finds every value finite (a shape or support error, not a non-finite one)."""
+        try:
+            names = _replay_nonfinite(model, guide, args, kwargs, rng_state)
+        except (ValueError, RuntimeError):
+            names = []
+        if not names:
+            raise err
+        return NonFiniteStep("value", float("nan"), tuple(names), self.steps + 1)
+
     def __call__(self, params: Iterable[torch.Tensor], *args, **kwargs) -> None:
         """One optimiser step over ``params`` (the set SVI collected from the trace), unless the loss or a gradient
         is not finite."""
-        self._adopt(params)
         refused, self._bad_loss = self._bad_loss, None
+        if refused is None or refused.kind != "value":
+            self._adopt(params)  # a step stopped by validation handed over only the parameters traced before it
         grads = [p.grad for p in self.params if p.grad is not None]
         if refused is None and grads:
             total = torch.nn.utils.get_total_norm(grads, foreach=True)
             self.grad_norm = float(total)
             if not math.isfinite(self.grad_norm):
-                bad = [
-                    n
-                    for n, p in zip(self.param_names, self.params, strict=True)
-                    if p.grad is not None and not p.grad.isfinite().all()
-                ]
-                refused = NonFiniteStep("gradient", float("nan"), tuple(bad), self.steps + 1)
+                total, refused = self._overflowed(total)
         if refused is not None:
             for p in self.params:
                 p.grad = None
@@ -260,6 +297,22 @@ class SingleOptimizer(PyroOptim):
         for p in self.params:
             p.grad = None
 
+    def _overflowed(self, total: torch.Tensor) -> tuple[torch.Tensor, NonFiniteStep | None]:
+        """After a non-finite total norm: the refused step naming every parameter whose gradient is not finite, or,
+        when every gradient is finite and only the norm overflowed (float32 overflows at |g| ~ 1e19), the norm
+        recomputed without overflow (:func:`_wide_norm`) and no refusal."""
+        bad = [
+            n
+            for n, p in zip(self.param_names, self.params, strict=True)
+            if p.grad is not None and not p.grad.isfinite().all()
+        ]
+        if bad:
+            return total, NonFiniteStep("gradient", float("nan"), tuple(bad), self.steps + 1)
+        total = _wide_norm([p.grad for p in self.params if p.grad is not None])
+        self.grad_norm = float(total)
+        logger.debug("gradient norm %.3g overflowed in float32 with every gradient finite", self.grad_norm)
+        return total, None
+
     def _refuse(self, refused: NonFiniteStep) -> None:
         self.last_nonfinite = refused
         unchanged = "no step was taken and the parameters are unchanged"
@@ -271,7 +324,11 @@ class SingleOptimizer(PyroOptim):
         if self.on_nonfinite == "skip":
             message += f"; {self.skipped} batches were skipped already, the most max_skips={self.max_skips} allows"
         error = NonFiniteLossError(message)
+        # What a caller needs to phrase its advice: the step, and the policy in force when it was refused.
         error.step = refused
+        error.on_nonfinite = self.on_nonfinite
+        error.skipped = self.skipped
+        error.max_skips = self.max_skips
         raise error
 
     # --------------------------------------------------------------------------------------------------------

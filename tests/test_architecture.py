@@ -16,6 +16,7 @@ LAYERS = {
     "errors": 0,
     "config": 0,
     "data": 0,
+    "_compat": 0,
     "networks": 1,
     "likelihoods": 1,
     "guides": 1,
@@ -31,6 +32,7 @@ LAYERS = {
     "distributed": 3,
     "compile": 3.5,  # the compiled step composes objectives and optim (layer 3) and is called by train (layer 4)
     "train": 4,
+    "step": 4,
     "compare": 5,
     "plotting": 5,
     "cli": 6,

@@ -18,7 +18,7 @@ from pyro_vae.optim import adamw
 class GeneralMVNDiag(MVNDiag):
     """The seed family built literally: MultivariateNormal(loc, scale_tril=diag_embed(scale))."""
 
-    def forward(self, raw, context=None):
+    def forward(self, raw):
         loc, scale = self.split(raw)
         return dist.MultivariateNormal(loc, scale_tril=torch.diag_embed(scale))
 
@@ -168,3 +168,19 @@ def test_broadcast_scale_matches_the_general_class():
     assert fast.batch_shape == general.batch_shape == (3,)
     z = torch.randn(2, 3, 4, dtype=torch.float64)
     torch.testing.assert_close(fast.log_prob(z), general.log_prob(z), rtol=1e-12, atol=1e-12)
+
+
+def test_the_cached_prior_validates_only_while_validation_is_on():
+    """The prior is cached, and a distribution keeps the validation setting it was built under: a prior built during
+    the validated first step must not go on validating (a NaN z would then raise instead of giving a NaN loss)."""
+    vae = VAE(20, latent_dim=3, hidden_dims=(16, 8))
+    x = torch.zeros(4, 20)
+    with pyro.validation_enabled(True):
+        checked = vae._prior(x)
+        assert vae._prior(x) is checked  # cached
+    with pyro.validation_enabled(False):
+        unchecked = vae._prior(x)
+        assert unchecked is not checked and vae._prior(x) is unchecked
+        assert torch.isnan(unchecked.log_prob(torch.full((4, 3), float("nan")))).all()
+    with pytest.raises(ValueError, match="support"):
+        checked.log_prob(torch.full((4, 3), float("nan")))

@@ -20,6 +20,7 @@ from pyro_vae.data import load_dataset
 from pyro_vae.errors import NonFiniteLossError
 from pyro_vae.model import VAE
 from pyro_vae.optim import GuardedSVI, adamw, nonfinite_sites
+from pyro_vae.step import TrainStep
 from pyro_vae.train import Callback, fit
 
 pytestmark = pytest.mark.filterwarnings("ignore:Encountered NaN")
@@ -208,3 +209,94 @@ def test_skip_mode_skips_at_most_max_skips_batches(data, tmp_path):
             out_dir=tmp_path / "b",
             callbacks=[FaultAfter(5, "nan loss", count=2)],
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The guard covers the whole step (defect 2): a NaN latent after the validated first step, a NaN parameter during it.
+
+
+def nan_latent(module, inputs, output):
+    return output * float("nan")  # the encoder's whole output: loc and scale, hence the guide's z, are NaN
+
+
+def step_config(**train):
+    return TrainConfig(**{"lr": 1e-2, **train})
+
+
+def test_a_nan_latent_after_the_first_step_is_refused_in_one_line():
+    """The prior cached during the validated first step used to keep validating, so a NaN z at a later step raised
+    Pyro's multi-line ValueError at site 'z' instead of reaching the guard."""
+    vae = make()
+    step = TrainStep(vae, step_config(), num_data=64)
+    x = batch()
+    step.step(x)
+    step.step(x)
+    before = state_of(vae, step.optimizer)
+    vae.encoder.register_forward_hook(nan_latent)
+    with pytest.raises(NonFiniteLossError) as info:
+        step.step(x)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "non-finite loss (nan) at optimiser step 3, first at guide site 'z' (value)" in message
+    assert info.value.step.names[0] == "guide site 'z' (value)"
+    assert (info.value.on_nonfinite, info.value.skipped, info.value.max_skips) == ("raise", 0, 10)
+    assert_unchanged(vae, step.optimizer, before)
+
+
+def test_skip_skips_a_nan_latent_and_training_continues():
+    vae = make()
+    step = TrainStep(vae, step_config(on_nonfinite="skip"), num_data=64)
+    x = batch()
+    step.step(x)
+    handle = vae.encoder.register_forward_hook(nan_latent)
+    losses = [step.step(x) for _ in range(2)]
+    handle.remove()
+    losses += [step.step(x) for _ in range(2)]
+    assert [math.isnan(v) for v in losses] == [True, True, False, False]
+    assert step.skipped == 2 and step.optimizer.steps == 3 and step.steps == 5
+
+
+def test_the_issues_lr_1e30_run_is_refused_or_skipped_never_a_traceback():
+    """``pyro-vae train --lr 1e30 --on-nonfinite skip``: after one step of size 1e30 every forward pass overflows.
+    With raise the second step stops with the guard's error; with skip every later batch is skipped until
+    max_skips, and then the guard's error says so."""
+    x = batch()
+    step = TrainStep(make(), step_config(lr=1e30), num_data=64)
+    step.step(x)
+    with pytest.raises(NonFiniteLossError, match="at optimiser step 2"):
+        step.step(x)
+
+    step = TrainStep(make(), step_config(lr=1e30, on_nonfinite="skip", max_skips=3), num_data=64)
+    step.step(x)
+    assert all(math.isnan(step.step(x)) for _ in range(3))
+    with pytest.raises(NonFiniteLossError, match="3 batches were skipped already, the most max_skips=3 allows") as info:
+        step.step(x)
+    assert (info.value.on_nonfinite, info.value.skipped, info.value.max_skips) == ("skip", 3, 3)
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_nan_parameter_in_the_validated_first_step_is_the_guards_error(policy):
+    """During the first step Pyro's validation raises a ValueError for the NaN loc before there is a loss; the
+    guard replays the step, finds the NaN parameter, and refuses the step like any other non-finite one."""
+    vae = make()
+    x = batch()
+    step = TrainStep(vae, step_config(on_nonfinite=policy), num_data=64)
+    saved = vae.encoder.head.weight.detach().clone()
+    with torch.no_grad():
+        vae.encoder.head.weight[0, 0] = float("nan")
+    if policy == "raise":
+        with pytest.raises(NonFiniteLossError) as info:
+            step.step(x)
+        message = str(info.value)
+        assert "\n" not in message
+        assert "non-finite value at optimiser step 1 (Pyro's validation refused it)" in message
+        assert "first at guide param 'encoder.head.weight' (then guide site 'z' (value)" in message
+        assert info.value.step.kind == "value"
+        return
+    assert math.isnan(step.step(x)) and step.skipped == 1 and step.optimizer.steps == 0
+    assert all(p.grad is None for p in vae.parameters())
+    with torch.no_grad():
+        vae.encoder.head.weight.copy_(saved)
+    assert math.isfinite(step.step(x)) and step.optimizer.steps == 1
+    # every parameter joined the optimiser, in name order, although the refused step traced only the guide's
+    assert step.optimizer.param_names == sorted(n for n, _ in vae.named_parameters())

@@ -1,6 +1,7 @@
 """SingleOptimizer: one torch optimiser behind Pyro's PyroOptim interface."""
 
 import copy
+import math
 
 import pyro
 import pyro.optim
@@ -121,3 +122,78 @@ def test_refuses_pickle_based_persistence():
 def test_bad_clip_norm():
     with pytest.raises(ValueError, match="clip_norm"):
         SingleOptimizer(clip_norm=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defect 10: finite gradients whose float32 norm overflows are not "non-finite".
+
+HUGE = float(torch.tensor(2.2e25))  # the largest |g| of the issue's run, as float32 holds it
+
+
+def huge_gradients(vae, value=HUGE):
+    """Every gradient set to ``value``: finite, but the sum of squares (~5e50 per element) overflows float32."""
+    return [p.register_hook(lambda g, v=value: torch.full_like(g, v)) for p in vae.parameters()]
+
+
+def test_huge_finite_gradients_are_stepped_on_with_their_true_norm():
+    vae = make()
+    handles = huge_gradients(vae)
+    optim = SingleOptimizer(torch.optim.AdamW, {"lr": 1e-2}, on_nonfinite="skip")
+    run(vae, optim, 16)
+    for h in handles:
+        h.remove()
+    assert optim.skipped == 0 and optim.steps == 16
+    n = sum(p.numel() for p in vae.parameters())
+    # The premise: torch's float32 total norm of these gradients is infinite.
+    assert torch.nn.utils.get_total_norm([torch.full_like(p, HUGE) for p in vae.parameters()]).isinf()
+    # Reference in float64 by hand: sqrt(n * HUGE²) = sqrt(n) * HUGE; the guard scales by HUGE, so only the
+    # float64 sum of n ones and one square root round: relative error below a few ulps of float64.
+    assert optim.grad_norm == pytest.approx(math.sqrt(n) * HUGE, rel=1e-14)
+    assert all(bool(torch.isfinite(p).all()) for p in vae.parameters())
+
+
+def test_clipping_uses_the_true_norm_of_huge_gradients():
+    """SGD with lr 1 moves the parameters by the clipped gradient, whose norm must be clip_norm, not 0 (a clip by
+    an infinite norm would zero every gradient)."""
+    vae = make()
+    huge_gradients(vae)
+    optim = SingleOptimizer(torch.optim.SGD, {"lr": 1.0}, clip_norm=1e-3)
+    before = [p.detach().clone() for p in vae.parameters()]
+    run(vae, optim, 1)
+    moved = torch.linalg.vector_norm(
+        torch.cat([(p - b).flatten() for p, b in zip(vae.parameters(), before, strict=True)])
+    )
+    assert moved.item() == pytest.approx(1e-3, rel=1e-4)  # as in the unclipped-norm test above: float32 rounding
+
+
+def test_float64_gradients_beyond_the_float64_square_range_are_finite_too(float64):
+    vae = make()
+    huge_gradients(vae, 1e200)  # squares overflow float64 itself
+    optim = SingleOptimizer(torch.optim.AdamW, {"lr": 1e-2})
+    run(vae, optim, 1)
+    n = sum(p.numel() for p in vae.parameters())
+    assert optim.steps == 1 and optim.grad_norm == pytest.approx(math.sqrt(n) * 1e200, rel=1e-14)
+
+
+def test_a_refused_gradient_always_names_its_parameter_among_huge_finite_ones():
+    vae = make()
+    huge_gradients(vae)
+    vae.decoder.net[0].bias.register_hook(lambda g: torch.full_like(g, float("inf")))
+    optim = SingleOptimizer(torch.optim.AdamW, {"lr": 1e-2})
+    with pytest.raises(NonFiniteLossError) as info:
+        run(vae, optim, 1)
+    assert info.value.step.names == ("decoder.net.0.bias",)
+    assert "non-finite gradient at optimiser step 1 in decoder.net.0.bias;" in str(info.value)
+
+
+def test_a_normal_gradient_norm_is_torchs_float32_norm_bit_for_bit():
+    """The fast path is untouched: a finite float32 norm is exactly torch's get_total_norm of the gradients, taken
+    in the optimiser's (name) order."""
+    vae = make()
+    seen = {}
+    for p in vae.parameters():
+        p.register_hook(lambda g, p=p: seen.__setitem__(p, g.clone()))
+    optim = SingleOptimizer(torch.optim.AdamW, {"lr": 1e-2})
+    run(vae, optim, 1)
+    expected = torch.nn.utils.get_total_norm([seen[p] for p in optim.params], foreach=True)
+    assert optim.grad_norm == float(expected)

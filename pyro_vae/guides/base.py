@@ -28,12 +28,10 @@ class GuideFamily(nn.Module):
 
     :cvar str name: registry name.
     :cvar spec_option: name of the keyword that a ``"name:K"`` spec sets (e.g. ``"rank"`` for ``low_rank:4``).
-    :cvar bool uses_context: whether :meth:`forward` needs the encoder's last hidden layer as ``context``.
     """
 
     name: ClassVar[str]
     spec_option: ClassVar[str | None] = None
-    uses_context: ClassVar[bool] = False
 
     def __init__(self, latent_dim: int):
         super().__init__()
@@ -50,11 +48,10 @@ class GuideFamily(nn.Module):
         """Name and constrain the raw output ``(B, num_params)``; returns a named record of tensors."""
         raise NotImplementedError
 
-    def forward(self, raw: torch.Tensor, context: torch.Tensor | None = None) -> TorchDistribution:
+    def forward(self, raw: torch.Tensor) -> TorchDistribution:
         """q(z | x) with ``batch_shape (B,)`` and ``event_shape (L,)``, reparameterised (``has_rsample``).
 
         :param raw: encoder output, ``(B, num_params)``.
-        :param context: encoder's last hidden layer ``(B, H)``; used only when :attr:`uses_context`.
         """
         raise NotImplementedError
 

@@ -83,7 +83,7 @@ class FlowFamily(GuideFamily):
         from pyro_vae.guides import make_family  # the registry imports this module
 
         family = make_family(base, latent_dim) if isinstance(base, str) else base
-        if not isinstance(family, GuideFamily) or isinstance(family, FlowFamily) or family.uses_context:
+        if not isinstance(family, GuideFamily) or isinstance(family, FlowFamily):
             raise ConfigError(
                 f"a flow's base must be a Gaussian family such as 'mvn_diag', 'diag_normal', 'full_rank' or "
                 f"'low_rank', got {base!r}"
@@ -147,7 +147,7 @@ class ConditionalFlowFamily(FlowFamily):
         base_raw, context = raw.split([self.base.num_params, self.context_dim], dim=-1)
         return FlowParams(self.base.split(base_raw), context)  # context: (B, context_dim)
 
-    def forward(self, raw: torch.Tensor, context: torch.Tensor | None = None) -> dist.TransformedDistribution:
+    def forward(self, raw: torch.Tensor) -> dist.TransformedDistribution:
         self._check_raw(raw)
         base_raw, h = raw.split([self.base.num_params, self.context_dim], dim=-1)  # (B, nb), (B, context_dim)
         q0 = self.base(base_raw)  # batch (B,), event (L,)

@@ -138,7 +138,7 @@ class MVNDiag(_DiagonalFamily):
 
     name = "mvn_diag"
 
-    def forward(self, raw: torch.Tensor, context: torch.Tensor | None = None) -> dist.MultivariateNormal:
+    def forward(self, raw: torch.Tensor) -> dist.MultivariateNormal:
         loc, scale = self.split(raw)
         # MultivariateNormal(loc, scale_tril=diag_embed(scale)), without materialising the matrix.
         return DiagonalMultivariateNormal(loc, scale)  # batch (B,), event (L,)
@@ -154,7 +154,7 @@ class DiagNormal(_DiagonalFamily):
 
     name = "diag_normal"
 
-    def forward(self, raw: torch.Tensor, context: torch.Tensor | None = None) -> dist.TorchDistribution:
+    def forward(self, raw: torch.Tensor) -> dist.TorchDistribution:
         loc, scale = self.split(raw)
         return dist.Normal(loc, scale).to_event(1)  # batch (B,), event (L,)
 
@@ -246,7 +246,7 @@ class FullRank(GuideFamily):
         unit = flat.unflatten(-1, (L, L)) + torch.eye(L, dtype=raw.dtype, device=raw.device)  # (B, L, L), unit diagonal
         return FullRankParams(loc, scale.unsqueeze(-1) * unit)  # row i scaled by s_i
 
-    def forward(self, raw: torch.Tensor, context: torch.Tensor | None = None) -> dist.MultivariateNormal:
+    def forward(self, raw: torch.Tensor) -> dist.MultivariateNormal:
         loc, scale_tril = self.split(raw)
         return dist.MultivariateNormal(loc, scale_tril=scale_tril)  # batch (B,), event (L,)
 
@@ -316,7 +316,7 @@ class LowRank(GuideFamily):
         cov_factor = scale.unsqueeze(-1) * v.unflatten(-1, (L, self.rank))  # (B, L, r)
         return LowRankParams(loc, cov_factor, scale.square())
 
-    def forward(self, raw: torch.Tensor, context: torch.Tensor | None = None) -> dist.LowRankMultivariateNormal:
+    def forward(self, raw: torch.Tensor) -> dist.LowRankMultivariateNormal:
         loc, cov_factor, cov_diag = self.split(raw)
         return dist.LowRankMultivariateNormal(loc, cov_factor, cov_diag)  # batch (B,), event (L,)
 

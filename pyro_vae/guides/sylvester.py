@@ -207,7 +207,7 @@ class SylvesterFamily(FlowFamily):
             bias=bias,
         )
 
-    def forward(self, raw: torch.Tensor, context: torch.Tensor | None = None) -> dist.TransformedDistribution:
+    def forward(self, raw: torch.Tensor) -> dist.TransformedDistribution:
         params = self.split(raw)
         q0 = self.base(raw[..., : self.base.num_params])  # batch (B,), event (L,)
         steps = [
