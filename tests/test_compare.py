@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pyro_vae import DataConfig, RunConfig, cli, fit, load_dataset
-from pyro_vae.compare import CompareResult, SeedRun, _summarise, compare, initial_vae
+from pyro_vae.compare import CompareResult, SeedRun, compare, initial_vae
+from pyro_vae.compare_report import summarise
 from pyro_vae.config import ModelConfig
 from pyro_vae.data import binarize_eval
 from pyro_vae.errors import ConfigError
@@ -71,13 +72,13 @@ def test_summary_statistics():
         _run("iaf:2", 0, -99.0, [4.0, 5.0, 6.0]),
         _run("iaf:2", 1, -98.0, [5.0, 5.0, 4.0]),
     ]
-    rows = _summarise(["iaf:2", "mvn_diag"], runs)
+    rows = summarise(["iaf:2", "mvn_diag"], runs)
     iaf, seed = rows
     assert seed.test_elbo.mean == -101.0
     assert seed.test_elbo.se == pytest.approx(statistics.stdev([-100.0, -102.0]) / math.sqrt(2))
     assert seed.seconds_per_epoch == 2.0 and seed.time_ratio == 1.0 and seed.peak_memory_mib == 12.0
     assert iaf.seconds_per_epoch == 5.0 and iaf.time_ratio == 2.5 and iaf.peak_memory_mib is None
-    lone = _summarise(["iaf:2"], runs[2:3])[0]
+    lone = summarise(["iaf:2"], runs[2:3])[0]
     assert lone.time_ratio is None and math.isnan(lone.test_elbo.se)
 
 
