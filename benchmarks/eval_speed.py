@@ -12,9 +12,9 @@ The images are split into rounds; in every round both contenders evaluate the ro
 and the table gives the median per-image time and the median of the per-round paired ratios ``evaluate / torch``.
 The target is a ratio of at most 1.2.
 
-Peak memory is measured in fresh processes (``VmHWM`` from ``/proc/self/status``, reset after loading through
-``/proc/self/clear_refs``; ``ru_maxrss`` would inherit the parent's high-water mark) while evaluating N and 4 N
-images. With chunking, the peak depends on the chunk size, not on K × N.
+Peak memory is measured in fresh processes with :class:`pyro_vae._memory.PeakRSS` (``VmHWM`` reset after loading;
+``ru_maxrss`` would inherit the parent's high-water mark) while evaluating N and 4 N images. With chunking, the peak
+depends on the chunk size, not on K × N.
 
 ``python benchmarks/eval_speed.py`` runs the issue's setting (K = 1000 on the 10 000 Fashion-MNIST test images from
 ``/usr/share/datasets/fashion-mnist``, or the 2 000 embedded ones when those files are missing); ``--quick`` is a
@@ -40,8 +40,6 @@ from pyro_vae.data import binarize_eval, load_dataset
 from pyro_vae.errors import DataError
 from pyro_vae.evaluation import evaluate
 from pyro_vae.model import VAE
-
-_PEAK = "int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024"
 
 
 def load_images(quick: bool) -> tuple[torch.Tensor, str]:
@@ -84,25 +82,24 @@ def torch_sampler(vae: VAE, x: torch.Tensor, k: int, chunk_size: int) -> torch.T
 def peak_mib(mode: str, n: int, k: int, chunk: int, threads: int, quick: bool) -> float:
     """Peak RSS (MiB) reached while running ``mode`` on n images, above the RSS just before it.
 
-    A fresh process loads the data and a seed VAE, resets its high-water mark (``echo 5 > /proc/self/clear_refs``,
-    Linux), runs ``mode`` and reads ``VmHWM``; loading the training set would otherwise set the mark.
+    A fresh process loads the data and a seed VAE, then measures ``mode`` with :class:`pyro_vae._memory.PeakRSS`
+    (Linux's ``VmHWM`` reset on entry, minus the RSS on entry); loading the data would otherwise set the mark.
     """
     ks = (1, 100, k) if k > 100 else (k,)
     code = "\n".join(
         [
-            "import re, sys, torch",
+            "import sys, torch",
             f"sys.path.insert(0, {str(Path(__file__).parent)!r})",
             "import eval_speed as b",
+            "from pyro_vae._memory import PeakRSS",
             f"torch.set_num_threads({threads})",
             f"x = b.load_images({quick})[0][:{n}]",
             "torch.manual_seed(0)",
             "vae = b.VAE(x.shape[1]).eval()",
-            "status = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))",
-            "open('/proc/self/clear_refs', 'w').write('5')",
-            "before = status('VmRSS')",
-            f"if {mode!r} == 'evaluate': b.evaluate(vae, x, {ks}, chunk_size={chunk})",
-            f"if {mode!r} == 'torch': b.torch_sampler(vae, x, {k}, {chunk})",
-            "print((status('VmHWM') - before) / 1024)",
+            "with PeakRSS() as memory:",
+            f"    if {mode!r} == 'evaluate': b.evaluate(vae, x, {ks}, chunk_size={chunk})",
+            f"    if {mode!r} == 'torch': b.torch_sampler(vae, x, {k}, {chunk})",
+            "print(memory.peak_mib)",
         ]
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig  # n
 from pyro_vae.data import EpochBatches, binarize_eval, load_dataset  # noqa: E402
 from pyro_vae.evaluation import DataProtocol, evaluate  # noqa: E402
 from pyro_vae.model import VAE  # noqa: E402
+from pyro_vae.stats import mean_se  # noqa: E402
 from pyro_vae.train import fit  # noqa: E402
 
 
@@ -49,10 +49,11 @@ def train_handwritten(vae: VAE, x_train: torch.Tensor, seed: int, epochs: int, b
             steps += 1
 
 
-def mean_se(values: list[float]) -> str:
+def fmt_mean_se(values: list[float]) -> str:
+    """Mean ± standard error over seeds (:func:`pyro_vae.stats.mean_se`); the mean alone for one seed."""
     if len(values) < 2:
         return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) / math.sqrt(len(values)):.2f}"
+    return str(mean_se(values))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         epochs, seeds, k, max_steps = args.epochs, args.seeds, args.k, None
         model_config = ModelConfig()
     data = load_dataset(data_config)
-    x_test = binarize_eval(data.x_test, "dynamic", 0)
-    protocol = DataProtocol(data.name, "test", "dynamic", 0)
+    x_test = binarize_eval(data.x_test, data_config.binarize, 0, data_config.threshold)
+    protocol = DataProtocol.from_config(data_config, 0, dataset=data.name)
     print(
         f"# quality on {data.name}: {data.x_train.shape[0]} train / {x_test.shape[0]} test images, {epochs} epochs, "
         f"{seeds} seeds, IS-NLL with k={k}; torch threads {torch.get_num_threads()}; "
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if not r["nll"]:
             continue
         per_seed = ", ".join(f"{v:.2f}" for v in r["nll"])
-        print(f"| {label} | {mean_se(r['elbo'])} | {mean_se(r['nll'])} | {per_seed} |")
+        print(f"| {label} | {fmt_mean_se(r['elbo'])} | {fmt_mean_se(r['nll'])} | {per_seed} |")
     for metric in ("elbo", "nll") if args.contenders == "ab" else ():
         spread = results["b"][metric]
         inside = min(spread) <= statistics.mean(results["a"][metric]) <= max(spread)

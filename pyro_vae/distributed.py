@@ -16,25 +16,35 @@ How a Pyro SVI step becomes data-parallel:
   ``pyro.plate(size=N_global, subsample=local indices)``: every rank's loss is an unbiased estimate of the full-data
   ELBO, so the average of their gradients is too, with the variance of a global batch of ``world_size × B``;
 * every rank draws the guide's noise from its own stream (:func:`noise_seed`).
+
+The life cycle is two context managers::
+
+    with session(config) as ctx:        # joins the process group under torchrun; ctx is None outside it
+        with ddp(vae, ctx):             # routes the VAE through DDP; unrouted again on exit
+            ...                         # train
+        ...                             # evaluate per rank, unrouted
+
+:func:`session` leaves a process group it did not create (a caller's own) as it found it.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from pyro_vae.config import DIST_BACKENDS
+from pyro_vae.config import DIST_BACKENDS, RunConfig
 from pyro_vae.data import derive_seed
 from pyro_vae.errors import ConfigError
-from pyro_vae.importance import MeanSE
 from pyro_vae.model import VAE
+from pyro_vae.stats import MeanSE, Moments, moments
 
 logger = logging.getLogger(__name__)
 
@@ -146,24 +156,36 @@ def noise_seed(seed: int, rank: int, step: int = 0) -> int:
     return derive_seed("noise", seed, rank, step) % 2**32
 
 
-def reduce_mean_se(values: torch.Tensor) -> MeanSE:
-    """Mean and standard error over the union of every rank's ``values`` (e.g. per-image test ELBOs).
+def reduce_moments(local: Moments) -> Moments:
+    """The :class:`~pyro_vae.stats.Moments` of the union of every rank's values, from each rank's own (the values
+    themselves outside a process group). Every rank must call it at the same point.
 
-    Sums, sums of squares and counts are all-reduced in float64; the standard error is the sample standard
-    deviation over √n.
+    Two all-reduces of float64 sums (Chan et al.'s pooling, :func:`pyro_vae.stats.pool`): first the counts and the
+    sums n·mean, which give the global mean; then each rank's ``m2 + n·(mean − global mean)²``. No sum of squares
+    is reduced, so a large mean does not cancel the spread. A rank with no values contributes nothing.
     """
-    values = values.detach().double().flatten()
-    return _reduced_mean_se(values.sum().item(), values.square().sum().item(), values.numel())
+    if not dist.is_initialized():
+        return local
+    has_values = local.count > 0
+    total, count = sum_over_ranks(local.count * local.mean if has_values else 0.0, local.count)
+    count = round(count)
+    if count == 0:
+        return Moments(0, float("nan"), 0.0)
+    mean = total / count
+    (m2,) = sum_over_ranks(local.m2 + local.count * (local.mean - mean) ** 2 if has_values else 0.0)
+    return Moments(count, mean, m2)
+
+
+def reduce_mean_se(values: torch.Tensor) -> MeanSE:
+    """Mean and standard error over the union of every rank's ``values`` (e.g. per-image test ELBOs), in float64;
+    the standard error is the sample standard deviation over √n (:mod:`pyro_vae.stats`)."""
+    return reduce_moments(moments(values)).mean_se()
 
 
 def combine_mean_se(part: MeanSE, n: int) -> MeanSE:
-    """Combine each rank's mean ± SE over its ``n`` data points into the mean ± SE over all ranks' points.
-
-    Each rank contributes ``n·mean`` and ``(n − 1)·var + n·mean²`` (with ``var = se²·n``), recovering the sums and
-    sums of squares of its values; the combination is exact.
-    """
-    var = part.se**2 * n if n > 1 else 0.0
-    return _reduced_mean_se(n * part.mean, (n - 1) * var + n * part.mean**2, n)
+    """Combine each rank's mean ± SE over its ``n`` data points into the mean ± SE over all ranks' points; exact,
+    as each rank's moments are recovered from its mean ± SE (:meth:`~pyro_vae.stats.Moments.from_mean_se`)."""
+    return reduce_moments(Moments.from_mean_se(part, n)).mean_se()
 
 
 def sum_over_ranks(*values: float) -> tuple[float, ...]:
@@ -174,15 +196,6 @@ def sum_over_ranks(*values: float) -> tuple[float, ...]:
     stats = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(stats)
     return tuple(stats.cpu().tolist())
-
-
-def _reduced_mean_se(total: float, total_sq: float, count: int) -> MeanSE:
-    """Mean ± SE from a sum, a sum of squares and a count, each summed over the ranks first (in float64)."""
-    total, total_sq, count = sum_over_ranks(total, total_sq, count)
-    mean = total / count
-    if count < 2:
-        return MeanSE(mean, float("nan"))
-    return MeanSE(mean, math.sqrt(max(total_sq - count * mean * mean, 0.0) / (count - 1) / count))
 
 
 def any_rank(flag: bool) -> bool:
@@ -209,3 +222,52 @@ def barrier() -> None:
     """Wait for every rank (no-op outside a process group)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextmanager
+def session(config: RunConfig, *, env: Mapping[str, str] | None = None) -> Iterator[DistributedContext | None]:
+    """The torchrun session of a run: join the process group when launched by torchrun, yield where this process
+    stands (``None`` outside torchrun), and on exit leave the group, but only if this session created it.
+
+    A process group that already existed on entry (one the caller made) is used as it is and left in place; its
+    world size must match torchrun's environment.
+
+    :param config: the run configuration (``train.device`` and ``train.dist_backend`` are read).
+    :param env: the environment (default ``os.environ``), for :func:`context_from_env`.
+    :raises ConfigError: for a malformed torchrun environment, or an existing group of another world size.
+    """
+    ctx = context_from_env(config.train.device, config.train.dist_backend, env)
+    if ctx is None:
+        yield None
+        return
+    created = not dist.is_initialized()
+    if created:
+        init(ctx)
+    elif dist.get_world_size() != ctx.world_size:
+        raise ConfigError(
+            f"a process group of {dist.get_world_size()} processes already exists but WORLD_SIZE is "
+            f"{ctx.world_size}; destroy it first or launch with torchrun --nproc_per_node {dist.get_world_size()}"
+        )
+    try:
+        yield ctx
+    finally:
+        if created:
+            shutdown()
+
+
+@contextmanager
+def ddp(vae: VAE, ctx: DistributedContext | None) -> Iterator[VAE]:
+    """Route ``vae`` through ``DistributedDataParallel`` for the block (:func:`wrap`), and remove the routes on exit
+    (:func:`unwrap`), also when the block raises. With ``ctx`` ``None`` (no torchrun) the VAE is left as it is.
+
+    :param vae: the model.
+    :param ctx: the session's context, from :func:`session`.
+    """
+    if ctx is None:
+        yield vae
+        return
+    wrap(vae, ctx)
+    try:
+        yield vae
+    finally:
+        unwrap(vae)

@@ -16,7 +16,7 @@ every term, because it multiplies the per-data-point bound and does not belong i
 its log-sum-exp runs over N/B times the log-weights, which is not a scaled IW bound; see Pyro #3104.) Any other scale
 on a site (for instance a KL weight β from :mod:`pyro_vae.schedules`) stays on that site's term.
 
-This module also holds :class:`MeanSE`, the mean-and-standard-error record every reported number uses.
+:class:`MeanSE` and :func:`mean_se` are re-exported from :mod:`pyro_vae.stats`, where they live.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import pyro
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.enum import get_importance_trace
+
+from pyro_vae.stats import MeanSE, mean_se
 
 __all__ = [
     "MAX_PLATE_NESTING",
@@ -45,27 +47,6 @@ __all__ = [
 MAX_PLATE_NESTING = 1
 #: Name of the vectorised particle plate; the same name :class:`pyro.infer.ELBO` gives its own.
 PARTICLE_PLATE = "num_particles_vectorized"
-
-
-class MeanSE(NamedTuple):
-    """A mean over data points and its standard error (sample standard deviation / √n)."""
-
-    mean: float
-    se: float
-
-    def __str__(self) -> str:
-        return f"{self.mean:.2f} ± {self.se:.2f}"
-
-
-def mean_se(values: torch.Tensor) -> MeanSE:
-    """Mean and standard error of a 1-D tensor of per-data-point values, computed in float64.
-
-    :param values: ``(n,)``; the standard error is ``std(values, unbiased) / √n`` (NaN when ``n == 1``).
-    """
-    values = values.detach().double().reshape(-1)
-    n = values.numel()
-    se = values.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
-    return MeanSE(values.mean().item(), se)
 
 
 def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:

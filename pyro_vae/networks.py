@@ -7,7 +7,8 @@ likelihood (logits for a Bernoulli). Meaning is imposed elsewhere: in the guide 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -83,3 +84,24 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)  # (..., output_dim)
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Put ``modules`` (and every submodule) in eval mode for the block, then give each submodule back the
+    ``training`` flag it had, also when the block raises.
+
+    Each submodule's own flag is restored, not the root's applied to all: a model whose encoder was frozen in eval
+    mode inside a training model comes back that way, which ``module.train(was_training)`` would undo. A module given
+    twice (or reachable from two of the arguments) is restored to the flag it had on entry.
+
+    :param modules: the modules, e.g. ``eval_mode(vae)``.
+    """
+    saved = {id(m): (m, m.training) for root in modules for m in root.modules()}
+    for root in modules:
+        root.eval()
+    try:
+        yield
+    finally:
+        for module, training in saved.values():
+            module.training = training

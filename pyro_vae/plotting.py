@@ -16,6 +16,7 @@ import torch
 from matplotlib.figure import Figure
 
 from pyro_vae.model import VAE, posterior_mean
+from pyro_vae.networks import eval_mode
 
 __all__ = [
     "image_grid",
@@ -149,6 +150,45 @@ def _marginal_covariance(q, dims: tuple[int, int]) -> torch.Tensor | None:
     return torch.diag_embed(variance[..., index])
 
 
+def _draw_clouds(ax, q, dims: tuple[int, int], n_samples: int, seed: int, colours) -> np.ndarray:
+    """Scatter ``n_samples`` draws of q per point in ``dims`` (from their own seeded stream); returns the clouds'
+    centres ``(B, 2)``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        z = q.sample((n_samples,))[..., list(dims)].cpu().numpy()  # (S, B, 2)
+    cloud_colours = None if colours is None else np.broadcast_to(colours, z.shape[:2]).ravel()
+    ax.scatter(*z.reshape(-1, 2).T, s=2, alpha=0.25, c=cloud_colours, cmap="tab10", vmin=0, vmax=9, lw=0)
+    return z.mean(0)
+
+
+def _draw_ellipses(ax, centres: np.ndarray, covariance: torch.Tensor, n_std: float, colours) -> np.ndarray:
+    """Draw each point's ``n_std``-σ ellipse of its 2×2 marginal ``covariance`` ``(B, 2, 2)`` around ``centres``
+    ``(B, 2)``, and widen the data limits to hold them; returns ``centres``."""
+    from matplotlib.collections import EllipseCollection
+
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())  # ascending: (B, 2), (B, 2, 2)
+    major = eigenvectors[..., :, 1].cpu().numpy()  # (B, 2)
+    axes = 2 * n_std * eigenvalues.clamp(min=0).sqrt().cpu().numpy()  # full axis lengths, (B, 2)
+    angles = np.degrees(np.arctan2(major[:, 1], major[:, 0]))
+    ellipses = EllipseCollection(
+        axes[:, 1],
+        axes[:, 0],
+        angles,
+        units="xy",
+        offsets=centres,
+        offset_transform=ax.transData,
+        facecolors="none",
+        edgecolors="C0" if colours is None else _tab10(colours),
+        alpha=0.7,
+        linewidths=0.8,
+    )
+    ax.add_collection(ellipses, autolim=False)
+    # the axes limits must hold the whole ellipses, not only their centres: half-extent n_std·√Σ_ii
+    reach = n_std * covariance.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt().cpu().numpy()  # (B, 2)
+    ax.update_datalim(np.concatenate([centres - reach, centres + reach]))
+    return centres
+
+
 def latent_posteriors(
     vae: VAE,
     x: torch.Tensor,
@@ -178,8 +218,6 @@ def latent_posteriors(
     """
     if vae.latent_dim < 2:
         raise ValueError(f"latent_posteriors needs latent_dim >= 2, the VAE has {vae.latent_dim}")
-    from matplotlib.collections import EllipseCollection
-
     device = next(vae.parameters()).device
     colours = None if labels is None else labels.cpu().numpy()
     fig = Figure(figsize=(5.5, 5), layout="constrained")
@@ -188,36 +226,10 @@ def latent_posteriors(
         q = vae.encode(x.to(device))
         covariance = _marginal_covariance(q, dims)
         if covariance is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                z = q.sample((n_samples,))[..., list(dims)].cpu().numpy()  # (S, B, 2)
-            centres = z.mean(0)
-            cloud_colours = None if colours is None else np.broadcast_to(colours, z.shape[:2]).ravel()
-            ax.scatter(*z.reshape(-1, 2).T, s=2, alpha=0.25, c=cloud_colours, cmap="tab10", vmin=0, vmax=9, lw=0)
+            centres = _draw_clouds(ax, q, dims, n_samples, seed, colours)
             what = f"{n_samples} posterior draws per point"
         else:
-            centres = posterior_mean(q)[..., list(dims)].cpu().numpy()  # (B, 2)
-            eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())  # ascending: (B, 2), (B, 2, 2)
-            major = eigenvectors[..., :, 1].cpu().numpy()  # (B, 2)
-            axes = 2 * n_std * eigenvalues.clamp(min=0).sqrt().cpu().numpy()  # full axis lengths, (B, 2)
-            angles = np.degrees(np.arctan2(major[:, 1], major[:, 0]))
-            edge = "C0" if colours is None else _tab10(colours)
-            ellipses = EllipseCollection(
-                axes[:, 1],
-                axes[:, 0],
-                angles,
-                units="xy",
-                offsets=centres,
-                offset_transform=ax.transData,
-                facecolors="none",
-                edgecolors=edge,
-                alpha=0.7,
-                linewidths=0.8,
-            )
-            ax.add_collection(ellipses, autolim=False)
-            # the axes limits must hold the whole ellipses, not only their centres: half-extent n_std·√Σ_ii
-            reach = n_std * covariance.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt().cpu().numpy()  # (B, 2)
-            ax.update_datalim(np.concatenate([centres - reach, centres + reach]))
+            centres = _draw_ellipses(ax, posterior_mean(q)[..., list(dims)].cpu().numpy(), covariance, n_std, colours)
             what = f"posterior means and {n_std:g}σ ellipses"
     sc = ax.scatter(centres[:, 0], centres[:, 1], s=8, c=colours, cmap="tab10", vmin=0, vmax=9, edgecolors="k", lw=0.3)
     if labels is not None:
@@ -286,17 +298,15 @@ def save_run_figures(vae: VAE, data, result, out_dir: str | Path, n_points: int 
     :returns: the paths written.
     """
     out_dir = Path(out_dir)
-    was_training = vae.training
-    vae.eval()
-    figures = {
-        "reconstructions.png": reconstruction_grid(vae, data.x_test, data.image_shape),
-        "samples.png": sample_grid(vae, data.image_shape),
-        "loss.png": loss_curves(result.losses, result.epochs),
-        "latent.png": latent_scatter(
-            vae, data.x_test[:n_points], None if data.y_test is None else data.y_test[:n_points]
-        ),
-    }
-    vae.train(was_training)
+    with eval_mode(vae):
+        figures = {
+            "reconstructions.png": reconstruction_grid(vae, data.x_test, data.image_shape),
+            "samples.png": sample_grid(vae, data.image_shape),
+            "loss.png": loss_curves(result.losses, result.epochs),
+            "latent.png": latent_scatter(
+                vae, data.x_test[:n_points], None if data.y_test is None else data.y_test[:n_points]
+            ),
+        }
     paths = []
     for name, fig in figures.items():
         path = out_dir / name

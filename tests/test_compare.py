@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 import math
 import statistics
 
@@ -9,11 +10,12 @@ import pytest
 import torch
 
 from pyro_vae import DataConfig, RunConfig, cli, fit, load_dataset
-from pyro_vae.compare import CompareResult, SeedRun, _summarise, compare, initial_vae
+from pyro_vae.compare import CompareResult, SeedRun, compare, initial_vae
+from pyro_vae.compare_report import summarise
 from pyro_vae.config import ModelConfig
 from pyro_vae.data import binarize_eval
-from pyro_vae.errors import ConfigError
-from pyro_vae.evaluation import MeanSE, evaluate
+from pyro_vae.errors import ConfigError, DataError
+from pyro_vae.evaluation import DataProtocol, MeanSE, evaluate
 
 TINY_DATA = DataConfig(n_train=300, n_test=100)
 TINY_MODEL = ModelConfig(latent_dim=2, hidden_dims=(32, 16))
@@ -71,13 +73,13 @@ def test_summary_statistics():
         _run("iaf:2", 0, -99.0, [4.0, 5.0, 6.0]),
         _run("iaf:2", 1, -98.0, [5.0, 5.0, 4.0]),
     ]
-    rows = _summarise(["iaf:2", "mvn_diag"], runs)
+    rows = summarise(["iaf:2", "mvn_diag"], runs)
     iaf, seed = rows
     assert seed.test_elbo.mean == -101.0
     assert seed.test_elbo.se == pytest.approx(statistics.stdev([-100.0, -102.0]) / math.sqrt(2))
     assert seed.seconds_per_epoch == 2.0 and seed.time_ratio == 1.0 and seed.peak_memory_mib == 12.0
     assert iaf.seconds_per_epoch == 5.0 and iaf.time_ratio == 2.5 and iaf.peak_memory_mib is None
-    lone = _summarise(["iaf:2"], runs[2:3])[0]
+    lone = summarise(["iaf:2"], runs[2:3])[0]
     assert lone.time_ratio is None and math.isnan(lone.test_elbo.se)
 
 
@@ -118,6 +120,64 @@ def test_bad_input_is_refused_before_training(kwargs, words, data):
     kwargs.setdefault("data", data)
     with pytest.raises(ConfigError, match=words):
         compare(config=TINY, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"guides": ["mvn_diag", "iaff:2"]}, "did you mean 'iaf'"),
+        ({"guides": ["mvn_diag"], "seeds": [0, 0]}, "seeds must be distinct"),
+        ({"guides": ["mvn_diag"], "config": TINY.replace(train={"batch_size": 1000})}, "exceeds the 300 training"),
+        (
+            {"guides": ["mvn_diag"], "data": None, "config": TINY.replace(data={"dataset": "npz", "path": "no.npz"})},
+            "no.npz",
+        ),
+    ],
+)
+def test_a_refused_comparison_writes_nothing_and_the_rerun_is_accepted(kwargs, words, data, tmp_path):
+    """Defect 9: a refused comparison left config.json behind, and the re-run was refused as 'already holds a run'.
+    Every check (arguments, the data against the config, the output directory) now runs before the first write."""
+    out = tmp_path / "c"
+    kwargs = {"config": TINY, "data": data, **kwargs}
+    with pytest.raises((ConfigError, DataError), match=words):
+        compare(out_dir=out, nll_k=None, **kwargs)
+    assert not out.exists()
+    result = compare(["mvn_diag"], TINY.replace(train={"epochs": 1}), data=data, out_dir=out, nll_k=None)
+    assert sorted(p.name for p in out.iterdir()) == ["compare.csv", "compare.md", "config.json", "runs", "runs.csv"]
+    manifest = json.loads((out / "config.json").read_text())
+    assert manifest["guides"] == ["mvn_diag"] and manifest["seeds"] == [0] and "torch" in manifest["environment"]
+    assert result.rows[0].seeds == 1
+
+
+def test_an_earlier_comparison_is_refused_before_any_run_unless_overwritten(data, tmp_path, monkeypatch):
+    import pyro_vae.compare as compare_module
+
+    config = TINY.replace(train={"epochs": 1})
+    compare(["mvn_diag"], config, data=data, out_dir=tmp_path, nll_k=None)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    trained = []
+    monkeypatch.setattr(compare_module, "fit", lambda *a, **kw: trained.append(1) or fit(*a, **kw))
+    with pytest.raises(ConfigError, match="already holds a comparison.*overwrite=True"):
+        compare(["mvn_diag", "low_rank"], config, data=data, out_dir=tmp_path, nll_k=None)
+    assert not trained and {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    again = compare(["mvn_diag"], config, data=data, out_dir=tmp_path, nll_k=None, overwrite=True)
+    assert trained == [1] and again.rows[0].guide == "mvn_diag"
+
+
+def test_the_nll_protocol_records_the_seed_only_for_drawn_binarisations(data, monkeypatch):
+    """compare's IS-NLL protocol comes from DataProtocol.from_config: a threshold split has no seed."""
+    import pyro_vae.compare as compare_module
+
+    protocols = []
+
+    def spy(vae, x, **kwargs):
+        protocols.append(kwargs["protocol"])
+        return evaluate(vae, x, **kwargs)
+
+    monkeypatch.setattr(compare_module, "evaluate", spy)
+    config = TINY.replace(train={"epochs": 1}, data={"binarize": "threshold"})
+    compare(["mvn_diag"], config, seeds=[3], data=data, nll_k=2, nll_images=4)
+    assert protocols == [DataProtocol(data.name, "test", "threshold", None)]
 
 
 def test_isolated_runs_match_in_process_runs_and_measure_memory(data):

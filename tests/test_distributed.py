@@ -8,8 +8,10 @@ import textwrap
 import pytest
 import torch
 
-from pyro_vae.distributed import context_from_env, reduce_mean_se
+from pyro_vae.config import RunConfig
+from pyro_vae.distributed import context_from_env, ddp, reduce_mean_se, session
 from pyro_vae.errors import ConfigError
+from pyro_vae.stats import mean_se
 
 # A worker that takes ONE SVI step on its shard and saves the parameters. The guide's noise is fixed per example
 # (a test family reads it from a table indexed by the example's global position), so a 2-process step over
@@ -98,6 +100,114 @@ def test_two_process_step_equals_one_process_step_on_the_same_examples(tmp_path)
     assert torch.load(tmp_path / "two.pt.sums", weights_only=True).tolist() == [3.0, 2.0]
 
 
+# A worker for session() and ddp() under torchrun. It records what it sees in a JSON file per rank:
+# - a session that creates the process group destroys it on exit; one entered with a group that already exists
+#   leaves it in place;
+# - inside ddp(vae, ctx) the encoder's gradients are averaged across ranks (equal on both), after it they are not;
+# - reduce_mean_se / combine_mean_se over 4 + 3 values with a mean of 1e7 and unit spread (where a sum-of-squares
+#   reduction would lose the spread to cancellation), and with one rank holding no values.
+SESSION_WORKER = textwrap.dedent(
+    """
+    import json, sys, torch
+    import torch.distributed as dist
+    from pyro.infer import Trace_ELBO
+    from pyro_vae.config import RunConfig
+    from pyro_vae.distributed import combine_mean_se, ddp, reduce_mean_se, session
+    from pyro_vae.model import VAE
+    from pyro_vae.stats import mean_se
+
+    torch.set_num_threads(1)
+    config = RunConfig().replace(train={"device": "cpu"})
+    seen = {}
+    with session(config) as ctx:
+        rank, world = ctx.rank, ctx.world_size
+        seen["initialised_inside"] = dist.is_initialized()
+        values = 1e7 + torch.randn(7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        mine = values[rank::world]
+        seen["reduced"] = list(reduce_mean_se(mine))
+        seen["combined"] = list(combine_mean_se(mean_se(mine), mine.numel()))
+        seen["rank0_only"] = list(reduce_mean_se(mine if rank == 0 else mine[:0]))
+        torch.manual_seed(0)  # the same initial weights on both ranks
+        vae = VAE(6, latent_dim=2, hidden_dims=(4,))
+        x = torch.bernoulli(torch.full((4, 6), 0.2 + 0.5 * rank), generator=torch.Generator().manual_seed(rank))
+
+        def gradients_agree():
+            vae.zero_grad()
+            torch.manual_seed(rank)
+            Trace_ELBO().differentiable_loss(vae.model, vae.guide, x).backward()
+            grad = torch.cat([p.grad.flatten() for p in vae.encoder.parameters()])
+            both = [torch.empty_like(grad) for _ in range(world)]
+            dist.all_gather(both, grad)
+            return torch.equal(both[0], both[1])
+
+        with ddp(vae, ctx):
+            seen["ddp_gradients_agree"] = gradients_agree()
+        seen["gradients_agree_after_ddp"] = gradients_agree()
+    seen["initialised_after_own_session"] = dist.is_initialized()
+    dist.init_process_group("gloo")  # the caller's own group, from torchrun's environment
+    with session(config) as ctx:
+        seen["context_in_callers_group"] = ctx is not None and dist.get_world_size() == ctx.world_size
+    seen["callers_group_left_in_place"] = dist.is_initialized()
+    dist.destroy_process_group()
+    with open(f"{sys.argv[1]}.{rank}", "w") as f:
+        json.dump(seen, f)
+    """
+)
+
+
+@pytest.mark.slow
+def test_session_destroys_only_what_it_created_and_ddp_unwraps(tmp_path):
+    import json
+
+    from scipy import stats
+
+    script = tmp_path / "session_worker.py"
+    script.write_text(SESSION_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(
+        [*cmd, str(tmp_path / "seen")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    values = (1e7 + torch.randn(7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).numpy()
+    rank0 = values[0::2]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"seen.{rank}").read_text())
+        assert seen["initialised_inside"] and not seen["initialised_after_own_session"]
+        assert seen["context_in_callers_group"] and seen["callers_group_left_in_place"]
+        assert seen["ddp_gradients_agree"] and not seen["gradients_agree_after_ddp"]
+        # Two-pass float64 pooling keeps the spread to ~1e-9 relative; a sum-of-squares reduction at a mean of 1e7
+        # would carry an error of about eps·(1e7)² ≈ 1e-2 of the variance, far outside rel=1e-6.
+        for key in ("reduced", "combined"):
+            assert seen[key][0] == pytest.approx(values.mean(), rel=1e-15)
+            assert seen[key][1] == pytest.approx(stats.sem(values), rel=1e-6), key
+        assert seen["rank0_only"][0] == pytest.approx(rank0.mean(), rel=1e-15)
+        assert seen["rank0_only"][1] == pytest.approx(stats.sem(rank0), rel=1e-6)
+
+
+def test_session_outside_torchrun_yields_none_and_touches_nothing():
+    import torch.distributed as dist
+
+    with session(RunConfig(), env={}) as ctx:
+        assert ctx is None and not dist.is_initialized()
+    vae = torch.nn.Linear(2, 2)
+    with ddp(vae, None) as same:
+        assert same is vae
+    assert not dist.is_initialized()
+
+
+def test_session_refuses_a_bad_environment_before_joining():
+    import torch.distributed as dist
+
+    with pytest.raises(ConfigError, match="WORLD_SIZE='two' is not an integer"):
+        with session(RunConfig(), env={"WORLD_SIZE": "two", "RANK": "0"}):
+            pass
+    assert not dist.is_initialized()
+
+
 def test_context_from_env():
     assert context_from_env(env={}) is None
     ctx = context_from_env("cpu", env={"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
@@ -121,9 +231,8 @@ def test_bad_environment_or_backend(env, kw, words):
 
 def test_reduce_mean_se_without_process_group_is_the_plain_estimate():
     values = torch.tensor([1.0, 2.0, 4.0, 7.0])
-    result = reduce_mean_se(values)
-    assert result.mean == pytest.approx(3.5)
-    assert result.se == pytest.approx(values.std().item() / 2)
+    assert reduce_mean_se(values) == mean_se(values)
+    assert reduce_mean_se(values) == (3.5, pytest.approx(values.double().std().item() / 2, rel=1e-15))
 
 
 TINY_RUN = [

@@ -65,33 +65,57 @@ def test_exact_guide_gives_log_px_at_every_k_and_every_chunking(float64):
     assert [b.groups for b in results[0].bounds] == [10, 3, 1]
 
 
+# Monte Carlo agreement with a closed form. The images are fixed, so the exact per-image values are fixed too and the
+# only randomness is the evaluation noise. Repeating the evaluation over R independent seeds on the same images gives
+# R independent errors d_r = estimate_r − exact; their mean over r has standard error SE = sd(d) / √R. Under
+# agreement mean(d) / SE follows Student's t with R − 1 = 19 degrees of freedom, and P(|t_19| > 4) ≈ 8e-4, so
+# |mean(d)| < 4 SE fails by chance less than once in a thousand. (The old tolerance was the standard error *across
+# images*, which measures how much log p(x) varies between images; on fixed images that spread is not an error at
+# all, so it was far too loose ever to fail.)
+SEEDS = 20
+Z = 4.0
+
+
+def _agrees(estimates, exact):
+    """``|mean(d)| < Z · SE`` over seeds, and the tolerance Z · SE itself (see the comment above)."""
+    d = np.asarray(estimates) - exact
+    tolerance = Z * d.std(ddof=1) / math.sqrt(len(d))
+    return abs(d.mean()) < tolerance, tolerance
+
+
 def test_elbo_parts_match_closed_forms(float64):
     vae = make_model(D=4, L=3, seed=1)
     x = _data(vae, 50, 1)
-    result = evaluate(vae, x, (1, 200))
     q_mean, q_cov = diagonal_q(vae, x)
     kl = gaussian_kl(q_mean, q_cov, np.zeros(3), np.eye(3))
-    assert result.kl_method == "analytic"
-    assert result.kl.mean == pytest.approx(kl.mean(), rel=1e-10)
-    # The reconstruction averages 200 draws per image; its Monte Carlo error is far below the spread over images
-    # that its standard error measures, so 4 of those standard errors is a loose but valid bound here, and the
-    # k = 1 bound (the Monte Carlo ELBO from the same draws) lies within the same distance of the analytic ELBO.
-    assert abs(result.reconstruction.mean - _expected_reconstruction(vae, x).mean()) < 4 * result.reconstruction.se
-    assert abs(result.bound(1).log_px.mean - result.elbo.mean) < 4 * result.elbo.se
     p_mean, p_cov = posterior(vae, x)
-    closed_elbo = log_marginal(vae, x) - gaussian_kl(q_mean, q_cov, p_mean, p_cov)
-    assert abs(result.elbo.mean - closed_elbo.mean()) < 4 * result.elbo.se
+    closed_elbo = (log_marginal(vae, x) - gaussian_kl(q_mean, q_cov, p_mean, p_cov)).mean()
+    closed_reconstruction = _expected_reconstruction(vae, x).mean()
+    results = [evaluate(vae, x, (1, 200), seed=seed) for seed in range(SEEDS)]
+    for result in results:
+        assert result.kl_method == "analytic"
+        assert result.kl.mean == pytest.approx(kl.mean(), rel=1e-10)
+    across_images = results[0].reconstruction.se
+    for name, estimates, exact in (
+        ("reconstruction", [r.reconstruction.mean for r in results], closed_reconstruction),
+        ("analytic-KL ELBO", [r.elbo.mean for r in results], closed_elbo),
+        ("k=1 bound (Monte Carlo ELBO)", [r.bound(1).log_px.mean for r in results], closed_elbo),
+    ):
+        agrees, tolerance = _agrees(estimates, exact)
+        assert agrees, f"{name}: mean over seeds {np.mean(estimates)} vs closed form {exact} (tolerance {tolerance})"
+        assert tolerance < across_images / 5  # the Monte Carlo tolerance is far tighter than the spread over images
     bits = 1 / (4 * math.log(2))
-    assert result.bound(200).bits_per_dim.mean == pytest.approx(-result.bound(200).log_px.mean * bits, rel=1e-12)
+    bound = results[0].bound(200)
+    assert bound.bits_per_dim.mean == pytest.approx(-bound.log_px.mean * bits, rel=1e-12)
 
 
 def test_iw_bounds_are_non_decreasing_in_k_and_the_nll_is_unbiased(float64):
     """With k dividing the next k, each group of 10k particles is ten groups of k, so by Jensen every image's
-    estimate can only grow with k. At K = 1000 the estimate is unbiased for log p(x) to within its Monte Carlo
-    error: over R = 10 independent evaluations of the same images, the mean difference to the exact mean log p(x)
-    is within 4 standard errors (std over the evaluations / √R)."""
+    estimate can only grow with k. At K = 1000 the estimate agrees with the exact linear-Gaussian log p(x) (scipy, in
+    float64) to within its Monte Carlo error over independent seeds (see the comment above ``SEEDS``); its bias,
+    about Var(w / p(x)) / 2K with this bounded-weight proposal, is far below that error."""
     vae = make_model(D=4, L=2, seed=2)
-    x = _data(vae, 100, 2)
+    x = _data(vae, 30, 2)
     mean, cov = posterior(vae, x.numpy())
     w, b, sigma = numpy_params(vae)
     gain = cov @ w.T / sigma**2
@@ -99,15 +123,14 @@ def test_iw_bounds_are_non_decreasing_in_k_and_the_nll_is_unbiased(float64):
     set_diagonal_encoder(vae, gain, -gain @ b, 1.3 * np.sqrt(np.diag(cov)))
     exact = log_marginal(vae, x).mean()
     nll = []
-    for seed in range(10):
+    for seed in range(SEEDS):
         result = evaluate(vae, x, (1, 10, 100, 1000), seed=seed)
         means = [bound.log_px.mean for bound in result.bounds]
         assert means == sorted(means) and means[0] < means[-1] - 0.01
         nll.append(result.nll.mean)
-    nll = np.array(nll)
-    assert abs(nll.mean() + exact) < 4 * nll.std(ddof=1) / math.sqrt(len(nll))
-    # The reported standard error is over images, so it also covers the spread of log p(x) between images.
-    assert abs(nll[0] + exact) < result.nll.se
+    agrees, tolerance = _agrees(-np.array(nll), exact)
+    assert agrees, f"IS log p(x) {-np.mean(nll)} vs exact {exact} (tolerance {tolerance})"
+    assert tolerance < result.nll.se / 5  # the Monte Carlo tolerance is far tighter than the spread over images
 
 
 def test_memory_is_bounded_by_the_chunk_size(float64):

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "Batch",
     "EpochBatches",
+    "binarization_seed",
     "binarize_eval",
     "check_batch_size",
     "check_likelihood_data",
@@ -256,6 +257,26 @@ class EpochBatches:
         )
 
 
+#: The binarisations that draw random numbers (Bernoulli draws), and so depend on a seed.
+SEEDED_BINARIZATIONS = ("dynamic", "static")
+
+
+def binarization_seed(binarize: str, seed: int) -> int | None:
+    """The seed that fixed an evaluation split's binarisation, as a protocol records it: ``seed`` for the
+    binarisations that draw (``dynamic``, ``static``: :func:`binarize_eval` draws from ``derive_seed("eval", seed)``),
+    ``None`` for those that do not (``threshold`` is a deterministic cut, ``none`` leaves the data as they are).
+
+    This is the one rule for when a seed is part of the data protocol; two splits binarised without a draw are the
+    same data whatever the run's seed, so recording it there would make equal protocols look different.
+
+    :param str binarize: one of :data:`pyro_vae.config.BINARIZATIONS`.
+    :param int seed: the run seed.
+    :raises ConfigError: for an unknown ``binarize``.
+    """
+    _check_binarize(binarize)
+    return seed if binarize in SEEDED_BINARIZATIONS else None
+
+
 def binarize_eval(x: torch.Tensor, binarize: str, seed: int, threshold: float = 0.5) -> torch.Tensor:
     """The fixed binarisation of an evaluation split, so that reported numbers carry a protocol.
 
@@ -271,7 +292,7 @@ def binarize_eval(x: torch.Tensor, binarize: str, seed: int, threshold: float = 
     :raises ConfigError: for an unknown ``binarize``.
     """
     _check_binarize(binarize)
-    if binarize in ("dynamic", "static"):
+    if binarize in SEEDED_BINARIZATIONS:
         return torch.bernoulli(x, generator=_generator(x.device, derive_seed("eval", seed)))
     if binarize == "threshold":
         return (x > threshold).to(x.dtype)
