@@ -112,8 +112,7 @@ def _hints(cls: type) -> dict[str, Any]:
 def check_field(cls: type, name: str, value: Any) -> Any:
     """Check ``value`` for the field ``name`` of the config class ``cls`` against its annotation and metadata.
 
-    Registry choices (a string key such as ``"guides"``) are checked by :mod:`pyro_vae.cli`, which keeps the names
-    torch-free; a name unknown to a registry is refused again when the object is built.
+    Registry names (choices given by a key such as ``"guides"``) are checked by :mod:`pyro_vae.cli` and the registry.
 
     :returns: the value, normalised (a list of hidden widths becomes a tuple).
     :raises ConfigError: one line naming the field, what was expected and the value.
