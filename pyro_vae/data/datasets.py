@@ -70,6 +70,7 @@ _IDX_STEMS = {
     "y_test": "t10k-labels-idx1-ubyte",
 }
 _NPZ_KEYS = ("x", "y", "x_test", "y_test")
+_SAVE_HINT = "save the images with numpy.savez(path, x=images, y=labels)"
 
 
 @dataclass(frozen=True, repr=False)
@@ -254,7 +255,7 @@ def _load_mnist(config: DataConfig) -> _Loaded:
     )
 
 
-def _check_npz_sizes(path: Path, keys: list[str], save_hint: str) -> None:
+def _check_npz_sizes(path: Path, keys: list[str]) -> None:
     """Read the ``.npy`` header of each array in the archive and refuse one that claims more bytes than its member
     holds, before numpy allocates the array it claims (a header saying 10**12 elements is a MemoryError)."""
     try:
@@ -270,7 +271,7 @@ def _check_npz_sizes(path: Path, keys: list[str], save_hint: str) -> None:
                     if read_header is None:
                         raise DataError(
                             f"array {key!r} of data file {path} is in .npy format version {version}, which pyro_vae "
-                            f"does not read; {save_hint}"
+                            f"does not read; {_SAVE_HINT}"
                         )
                     shape, _, dtype = read_header(member)
                     if dtype.hasobject:
@@ -283,36 +284,35 @@ def _check_npz_sizes(path: Path, keys: list[str], save_hint: str) -> None:
                     if claimed > held:
                         raise DataError(
                             f"array {key!r} of data file {path} claims shape {shape} of {dtype} ({claimed} bytes) but "
-                            f"holds at most {held} bytes; the file is damaged, {save_hint}"
+                            f"holds at most {held} bytes; the file is damaged, {_SAVE_HINT}"
                         )
     except DataError:
         raise
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise DataError(f"data file {path} cannot be read as an .npz archive ({exc}); {save_hint}") from exc
+        raise DataError(f"data file {path} cannot be read as an .npz archive ({exc}); {_SAVE_HINT}") from exc
 
 
-def _load_npz(config: DataConfig) -> _Loaded:
-    path = Path(config.path)
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays x, y, x_test and y_test that the ``.npz`` file holds, each checked against its header first."""
     if not path.is_file():
         raise DataError(f"data file {path} not found; check the path given with --data")
     size = path.stat().st_size
-    save_hint = "save the images with numpy.savez(path, x=images, y=labels)"
     try:
         archive = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"data file {path} ({size} bytes) is not a numpy .npz archive ({exc}); {save_hint}") from exc
+        raise DataError(f"data file {path} ({size} bytes) is not a numpy .npz archive ({exc}); {_SAVE_HINT}") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(f"data file {path} holds a single array (.npy), not an .npz archive; {save_hint}")
+        raise DataError(f"data file {path} holds a single array (.npy), not an .npz archive; {_SAVE_HINT}")
     with archive:
         keys = list(archive.files)
         if "x" not in keys:
             raise DataError(
-                f"data file {path} has no array 'x' (it has: {', '.join(keys) or 'no arrays'}); {save_hint}"
+                f"data file {path} has no array 'x' (it has: {', '.join(keys) or 'no arrays'}); {_SAVE_HINT}"
             )
         ignored = sorted(set(keys) - set(_NPZ_KEYS))
         if ignored:
             logger.warning("ignoring arrays %s in %s: only x, y, x_test and y_test are read", ignored, path)
-        _check_npz_sizes(path, [key for key in _NPZ_KEYS if key in keys], save_hint)
+        _check_npz_sizes(path, [key for key in _NPZ_KEYS if key in keys])
         arrays = {}
         for key in _NPZ_KEYS:
             if key not in keys:
@@ -320,7 +320,13 @@ def _load_npz(config: DataConfig) -> _Loaded:
             try:
                 arrays[key] = archive[key]
             except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-                raise DataError(f"array {key!r} of data file {path} cannot be read ({exc}); {save_hint}") from exc
+                raise DataError(f"array {key!r} of data file {path} cannot be read ({exc}); {_SAVE_HINT}") from exc
+    return arrays
+
+
+def _load_npz(config: DataConfig) -> _Loaded:
+    path = Path(config.path)
+    arrays = _read_npz(path)
     if "y_test" in arrays and "x_test" not in arrays:
         raise DataError(f"data file {path} has y_test but no x_test; add the test images or drop y_test")
     if "x_test" in arrays and ("y" in arrays) != ("y_test" in arrays):
