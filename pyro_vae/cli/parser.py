@@ -66,7 +66,7 @@ def _add_evaluate(sub) -> None:
     evaluate.add_argument("--gap-steps", type=int_type("--gap-steps"), default=100, help="refinement steps")
     evaluate.add_argument(
         "--chunk-size",
-        type=int_type("--chunk-size", high=2**24, why=_MEMORY),
+        type=int_type("--chunk-size", high=2**20, why=_MEMORY),
         default=4096,
         help="particles x images per pass (bounds memory; default 4096)",
     )
