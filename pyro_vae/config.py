@@ -1,16 +1,26 @@
 """Typed, validated configuration.
 
 Four frozen dataclasses describe a run: :class:`DataConfig`, :class:`ModelConfig`, :class:`TrainConfig`, and the
-:class:`RunConfig` that groups them. Each validates itself in ``__post_init__`` and raises
-:class:`~pyro_vae.errors.ConfigError` with what was expected, what came, and what to do. Nothing here reads the
-environment, touches files, or builds torch objects: configs are plain data that round-trip through
-:meth:`RunConfig.to_dict` / :meth:`RunConfig.from_dict` (and hence JSON).
+:class:`RunConfig` that groups them. Each field's ``field(metadata=...)`` documents it: ``help`` (one line, also the
+flag's help: :mod:`pyro_vae.cli` generates its flags from this metadata), ``flag`` (its name, or ``None`` for a field
+only a ``--config`` file sets, with the ``reason``), ``low``/``high`` (bounds; ``open_low``/``open_high`` make them
+exclusive; ``why`` says why a bound is the largest), ``choices`` (a tuple of names, or a registry key such as
+``"guides"`` that the CLI resolves torch-free) and ``resume: "free"`` (a resumed run may change it, see
+:func:`resume_differences`). Every config checks every field in ``__post_init__`` against its annotation and metadata
+(:func:`check_field`): a JSON file with ``"threshold": "0.5"`` or ``"guide": 3`` gets one
+:class:`~pyro_vae.errors.ConfigError` naming the field, the expected type and the value. Nothing here reads the
+environment, touches files or builds torch objects: configs are plain data that round-trip through
+:meth:`RunConfig.to_dict` and :meth:`RunConfig.from_dict`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -26,31 +36,137 @@ ACTIVATIONS = ("silu", "relu", "gelu", "tanh", "softplus")
 
 #: Default directory of Debian's ``dataset-fashion-mnist`` package.
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+#: The largest integer any field takes: counters are stored as 64-bit integers in checkpoints and tensors.
+INT64_MAX = 2**63 - 1
+#: Seeds go to numpy (through :func:`pyro.set_rng_seed`), whose seeds are 32-bit: ``0 <= seed < 2**32``.
+SEED_MAX = 2**32 - 1
 
 
-def _close(name: str, choices) -> list[str]:
-    import difflib
+def check_int(
+    name: str, value: Any, *, low: int | None = None, high: int | None = None, why: str = "", allow_none: bool = False
+) -> int | None:
+    """The one integer check: ``value`` must be an ``int`` (not a ``bool``) with ``low <= value <= high``.
 
-    return difflib.get_close_matches(str(name), sorted(choices), n=1)
-
-
-def _choice(what: str, value: str, choices) -> None:
-    if value not in choices:
-        raise unknown_choice(what, value, choices)
-
-
-def _positive_int(name: str, value, *, allow_none: bool = False) -> None:
+    :param str name: how the error names the value, e.g. ``"latent_dim"``.
+    :param low: the smallest allowed value; ``high`` the largest, and ``why`` says why (``None``: no bound).
+    :param bool allow_none: whether ``None`` passes. :returns: ``value``.
+    :raises ConfigError: ``"<name> must be a positive integer, got '3'"`` and the like, on one line.
+    """
     if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        return None
+    words = {None: "an integer", 0: "an integer >= 0", 1: "a positive integer"}.get(low, f"an integer >= {low}")
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        raise ConfigError(f"{name} must be {words}" + (" or null" if allow_none else "") + f", got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{name} must be at most {high}" + (f" ({why})" if why else "") + f", got {value!r}")
+    return value
 
 
-def _positive_float(name: str, value, *, allow_none: bool = False) -> None:
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+    allow_none: bool = False,
+) -> float | None:
+    """The one number check: ``value`` must be a finite ``int`` or ``float`` (not a ``bool``) in the interval from
+    ``low`` to ``high``, each end closed unless ``open_low`` / ``open_high``.
+
+    :returns: ``value``.
+    :raises ConfigError: ``"lr must be a positive finite number, got -1"`` and the like, on one line.
+    """
     if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        return None
+    if low is not None and high is not None:
+        words = f"a number in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    elif low == 0:
+        words = "a positive finite number" if open_low else "a finite number >= 0"
+    else:
+        words = "a finite number" + (f" {'>' if open_low else '>='} {low}" if low is not None else "")
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if open_low else value >= low
+    if ok and high is not None:
+        ok = value < high if open_high else value <= high
+    if not ok:
+        raise ConfigError(f"{name} must be {words}" + (" or null" if allow_none else "") + f", got {value!r}")
+    return value
+
+
+def _kind(hint) -> tuple[Any, bool]:
+    """``(base type, allows None)`` of an annotation such as ``int | None``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_field(cls: type, name: str, value: Any) -> Any:
+    """Check ``value`` for the field ``name`` of the config class ``cls`` against its annotation and metadata.
+
+    Registry names (choices given by a key such as ``"guides"``) are checked by :mod:`pyro_vae.cli` and the registry.
+
+    :returns: the value, normalised (a list of hidden widths becomes a tuple).
+    :raises ConfigError: one line naming the field, what was expected and the value.
+    """
+    spec = {f.name: f for f in dataclasses.fields(cls)}[name].metadata
+    base, allow_none = _kind(_hints(cls)[name])
+    if value is None:
+        if allow_none:
+            return None
+        words = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+        expected = words.get(base, "a mapping" if typing.get_origin(base) is dict else "a list of integers")
+        raise ConfigError(f"{name} must be {expected}, got null (None)")
+    bounds = {"low": spec.get("low"), "high": spec.get("high", INT64_MAX), "why": spec.get("why", "")}
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(
+                f"{name} must be {'true, false or null' if allow_none else 'true or false'}, got {value!r}"
+            )
+    elif base is int:
+        check_int(name, value, **bounds)
+    elif base is float:
+        keys = ("low", "high", "open_low", "open_high")
+        check_float(name, value, **{key: spec[key] for key in keys if spec.get(key) is not None})
+    elif base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        if isinstance(spec.get("choices"), tuple):
+            if value not in spec["choices"]:
+                raise unknown_choice(spec.get("what", name), value, spec["choices"])
+    elif typing.get_origin(base) is tuple:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{name} must be a non-empty list of integers, got {value!r}")
+        for item in value:
+            check_int(f"every entry of {name}", item, low=1, **{k: bounds[k] for k in ("high", "why")})
+        return tuple(value)
+    elif typing.get_origin(base) is dict and not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a mapping, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_fields(config) -> None:
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        checked = check_field(type(config), f.name, value)
+        if checked is not value:
+            object.__setattr__(config, f.name, checked)
+
+
+def _opt(default: Any = None, help: str = "", *, factory=None, **meta: Any):
+    """A config field with its metadata (see the module docstring)."""
+    meta["help"] = help
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 class ObjectiveSpec(NamedTuple):
@@ -62,10 +178,8 @@ class ObjectiveSpec(NamedTuple):
 
 
 def parse_objective_spec(spec: str) -> ObjectiveSpec:
-    """Split an objective spec such as ``"trace"``, ``"trace:4"``, ``"iwae:5"`` or ``"iwae:5:dreg"``.
-
-    Only the grammar is checked here (config stays free of torch); :func:`pyro_vae.objectives.make_objective`
-    checks the names against its registry.
+    """Split an objective spec such as ``"trace"``, ``"trace:4"``, ``"iwae:5"`` or ``"iwae:5:dreg"``. Only the grammar
+    is checked here (config stays free of torch); :func:`pyro_vae.objectives.make_objective` checks the names.
 
     :param str spec: ``name``, ``name:k`` (k particles per data point) or ``name:k:estimator``.
     :raises ConfigError: if the spec does not have that form or k is not a positive integer.
@@ -95,9 +209,8 @@ class ScheduleSpec(NamedTuple):
 
 def parse_schedule_spec(spec: str) -> ScheduleSpec:
     """Split a KL-schedule spec such as ``"constant:0.5"``, ``"linear:10000"``, ``"cyclical:5000:0.5"`` or
-    ``"free_bits:0.25"`` into its name and numbers.
-
-    Only the grammar is checked here; :func:`pyro_vae.schedules.make_schedule` checks the name and the arity.
+    ``"free_bits:0.25"`` into its name and numbers. Only the grammar is checked here;
+    :func:`pyro_vae.schedules.make_schedule` checks the name and the arity.
 
     :raises ConfigError: if the spec is empty or a number is not finite and >= 0.
     """
@@ -120,145 +233,126 @@ def parse_schedule_spec(spec: str) -> ScheduleSpec:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the images come from and how they are binarised.
-
-    :param str dataset: ``embedded`` (the Fashion-MNIST subset shipped with the package: works offline),
-        ``fashion-mnist`` (IDX files in ``data_dir``), ``mnist`` (torchvision, downloads into ``data_dir``), or
-        ``npz`` (the user's file at ``path``).
-    :param path: the ``.npz`` file for ``dataset="npz"``.
-    :param data_dir: directory of the IDX files (default: Debian's ``/usr/share/datasets/fashion-mnist``) or the
-        torchvision root for MNIST (default ``./data``).
-    :param str binarize: protocol for Bernoulli likelihoods. ``dynamic`` draws Bernoulli(pixel) afresh every epoch
-        from a seeded generator (the standard protocol for binarised image VAEs, which regularises);
-        ``static`` draws once; ``threshold`` uses ``pixel > threshold``; ``none`` keeps grey levels.
-    :param float threshold: cut-off for ``binarize="threshold"``.
-    :param float test_fraction: share of an ``.npz`` held out as the test split when the file has no ``x_test``.
-    :param n_train: use only the first ``n_train`` training images (quick experiments); ``None`` uses all.
-    :param n_test: likewise for the test split.
+    """Where the images come from and how they are binarised. ``embedded``: the Fashion-MNIST subset shipped with the
+    package (offline); ``fashion-mnist``: IDX files in ``data_dir`` (default: Debian's
+    ``/usr/share/datasets/fashion-mnist``); ``mnist``: torchvision, downloaded into ``data_dir`` (default ``./data``);
+    ``npz``: the user's file at ``path``. Binarisation (for Bernoulli likelihoods): ``dynamic`` draws Bernoulli(pixel)
+    afresh every epoch from a seeded generator (the standard protocol for binarised image VAEs; it regularises),
+    ``static`` draws once, ``threshold`` uses ``pixel > threshold``, ``none`` keeps grey levels.
     """
 
-    dataset: str = "embedded"
-    path: str | None = None
-    data_dir: str | None = None
-    binarize: str = "dynamic"
-    threshold: float = 0.5
-    test_fraction: float = 0.1
-    n_train: int | None = None
-    n_test: int | None = None
+    dataset: str = _opt("embedded", "data source (embedded works offline)", choices=DATASETS, what="dataset")
+    path: str | None = _opt(
+        None, "your .npz file (x, optional y, x_test, y_test); implies --dataset npz", flag="--data"
+    )
+    data_dir: str | None = _opt(
+        None, "directory of the Fashion-MNIST IDX files, or the MNIST download root", resume="free"
+    )
+    binarize: str = _opt("dynamic", "binarisation protocol", choices=BINARIZATIONS, what="binarization")
+    threshold: float = _opt(0.5, "cut-off of --binarize threshold", low=0.0, high=1.0, open_low=True, open_high=True)
+    test_fraction: float = _opt(
+        0.1, "share of an .npz without x_test held out", low=0.0, high=1.0, open_low=True, open_high=True
+    )
+    n_train: int | None = _opt(None, "use only the first N training images (default: all)", low=1)
+    n_test: int | None = _opt(None, "use only the first N test images (default: all)", low=1)
 
     def __post_init__(self):
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("binarization", self.binarize, BINARIZATIONS)
+        _check_fields(self)
         if self.dataset == "npz" and not self.path:
             raise ConfigError("dataset 'npz' needs a file: pass --data FILE.npz")
         if self.dataset != "npz" and self.path:
             raise ConfigError(
                 f"a data file was given ({self.path!r}) but dataset is {self.dataset!r}; use dataset 'npz'"
             )
-        if not (0.0 < self.threshold < 1.0):
-            raise ConfigError(f"threshold must lie in (0, 1), got {self.threshold!r}")
-        if not (0.0 < self.test_fraction < 1.0):
-            raise ConfigError(f"test_fraction must lie in (0, 1), got {self.test_fraction!r}")
-        _positive_int("n_train", self.n_train, allow_none=True)
-        _positive_int("n_test", self.n_test, allow_none=True)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The VAE: latent size, networks, guide family and likelihood.
-
-    :param int latent_dim: dimension L of z.
-    :param hidden_dims: encoder hidden widths from the input side; the decoder uses them reversed. The default
-        ``(512, 256, 128, 64)`` is the seed network, whose last hidden width is ``512 // 8``.
-    :param str activation: non-linearity between layers (SiLU in the seed).
-    :param str guide: name of a registered guide family (see :func:`pyro_vae.guides.family_names`).
-    :param dict guide_options: keyword options for the family, e.g. ``{"eps": 1e-5}``.
-    :param str likelihood: name of a registered likelihood (see :func:`pyro_vae.likelihoods.likelihood_names`).
+    """The VAE. ``hidden_dims``: encoder widths from the input side, reversed for the decoder; the default
+    ``(512, 256, 128, 64)`` is the seed network (last hidden width ``512 // 8``). ``guide``: a family of
+    :func:`pyro_vae.guides.family_names` (``name`` or ``name:K``) with keyword ``guide_options`` (e.g.
+    ``{"eps": 1e-5}``). ``likelihood``: one of :func:`pyro_vae.likelihoods.likelihood_names`.
     """
 
-    latent_dim: int = 16
-    hidden_dims: tuple[int, ...] = (512, 256, 128, 64)
-    activation: str = "silu"
-    guide: str = "mvn_diag"
-    guide_options: dict[str, Any] = field(default_factory=dict)
-    likelihood: str = "bernoulli"
+    latent_dim: int = _opt(
+        16, "latent dimension L", low=1, high=4096, why="a full-rank guide emits L(L+3)/2 numbers per image"
+    )
+    hidden_dims: tuple[int, ...] = _opt(
+        (512, 256, 128, 64), "comma-separated encoder widths", high=16384, why="a 16384² layer is 1 GiB of weights"
+    )
+    activation: str = _opt("silu", "non-linearity between layers", choices=ACTIVATIONS, what="activation")
+    guide: str = _opt("mvn_diag", "guide family, name or name:K", choices="guides", what="guide family", spec=True)
+    guide_options: dict[str, Any] = _opt(
+        help="keyword options of the guide family", factory=dict, flag=None, reason="a mapping: set it in --config"
+    )
+    likelihood: str = _opt("bernoulli", "p(x|z)", choices="likelihoods", what="likelihood")
 
     def __post_init__(self):
-        _positive_int("latent_dim", self.latent_dim)
-        object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
-        if not self.hidden_dims:
-            raise ConfigError("hidden_dims must name at least one hidden layer width, got an empty list")
-        for width in self.hidden_dims:
-            _positive_int("every hidden width", width)
-        _choice("activation", self.activation, ACTIVATIONS)
-        if not isinstance(self.guide_options, dict):
-            raise ConfigError(f"guide_options must be a dict, got {type(self.guide_options).__name__}")
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation.
-
-    :param int epochs: passes over the training split.
-    :param int batch_size: images per step (the plate's ``subsample_size``).
-    :param float lr: AdamW learning rate.
-    :param float weight_decay: AdamW decoupled weight decay; 0 keeps the objective the plain ELBO.
-    :param clip_norm: clip the total gradient norm to this value; ``None`` disables clipping.
-    :param str objective: ``trace`` (:class:`~pyro.infer.Trace_ELBO`), ``meanfield``
-        (:class:`~pyro.infer.TraceMeanField_ELBO`, analytic KL where Pyro has one) or ``iwae`` (the importance-weighted
-        bound); ``name:k`` sets k particles and ``iwae:k:estimator`` the gradient estimator (``reparam``, ``stl``,
-        ``dreg``). See :func:`pyro_vae.objectives.make_objective`.
-    :param int num_particles: samples of z per image per step (vectorised); a k in ``objective`` sets it instead.
-    :param kl_schedule: weight of the KL term over training, e.g. ``"linear:10000"`` (warm-up over 10 000 steps),
-        ``"cyclical:5000:0.5"``, ``"constant:0.5"`` or ``"free_bits:0.25"``; ``None`` (default) is the plain ELBO.
-        See :func:`pyro_vae.schedules.make_schedule`.
-    :param int seed: seeds weights, data order, binarisation and the guide's noise.
-    :param str device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
-    :param max_steps: stop after this many optimiser steps in total (``None``: run all epochs).
-    :param threads: torch intra-op threads (``None``: leave torch's default). Recorded for reproducibility.
-    :param progress: show a tqdm bar; ``None`` shows it only on a terminal.
-    :param checkpoint_every: also write a checkpoint every this many steps (``None``: only at the end of each epoch,
-        at the end of training and on SIGINT/SIGTERM). Costs one serialisation and fsync per checkpoint.
-    :param int keep_last: checkpoints kept in the run directory, newest first: ``last.pt``, ``last.prev.pt``, ...
-        The default 2 keeps one good file even if the newest is damaged.
-    :param str on_nonfinite: ``raise`` (default) stops on a NaN or infinite loss or gradient, naming the step and the
-        site; ``skip`` skips such batches (no step either way).
-    :param int max_skips: with ``on_nonfinite="skip"``, the most batches skipped in a run before it stops anyway.
-    :param str dist_backend: process-group backend under ``torchrun``: ``auto`` (``nccl`` on CUDA, ``gloo`` on CPU),
-        ``gloo`` or ``nccl``. Ignored in a single process. Under torchrun, ``batch_size`` is per process.
+    """The optimisation. ``objective``: ``trace``, ``meanfield`` (analytic KL where Pyro has one) or ``iwae``;
+    ``name:k`` sets k particles, ``iwae:k:estimator`` the estimator (``reparam``, ``stl``, ``dreg``); see
+    :func:`pyro_vae.objectives.make_objective`. ``kl_schedule``: the KL weight over training (``"linear:10000"``,
+    ``"cyclical:5000:0.5"``, ``"constant:0.5"``, ``"free_bits:0.25"``; ``None``: the plain ELBO), see
+    :func:`pyro_vae.schedules.make_schedule`. Under torchrun ``batch_size`` is per process. ``keep_last``: checkpoints
+    kept, newest first; the default 2 keeps a good file even if the newest is damaged. ``early_stop``: stop after that
+    many epochs whose test ELBO does not beat the best by more than ``early_stop_min_delta`` nats.
     """
 
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    clip_norm: float | None = None
-    objective: str = "trace"
-    num_particles: int = 1
-    kl_schedule: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    max_steps: int | None = None
-    threads: int | None = None
-    progress: bool | None = None
-    checkpoint_every: int | None = None
-    keep_last: int = 2
-    on_nonfinite: str = "raise"
-    max_skips: int = 10
-    dist_backend: str = "auto"
+    epochs: int = _opt(20, "passes over the training data", low=1, resume="free")
+    batch_size: int = _opt(128, "images per step", low=1, high=2**20, why="larger batches do not fit in memory")
+    lr: float = _opt(1e-3, "AdamW learning rate", low=0.0, open_low=True)
+    weight_decay: float = _opt(0.0, "AdamW decoupled weight decay (0: the plain ELBO)", low=0.0)
+    clip_norm: float | None = _opt(None, "clip the total gradient norm to this value", low=0.0, open_low=True)
+    objective: str = _opt(
+        "trace",
+        "ELBO estimator: trace, meanfield, name:K for K particles, or iwae:K[:reparam|stl|dreg]",
+        choices="objectives",
+        what="objective",
+        spec=True,
+    )
+    num_particles: int = _opt(
+        1, "samples of z per image per step", flag="--particles", low=1, high=4096, why="all are held in memory"
+    )
+    kl_schedule: str | None = _opt(
+        None,
+        "KL weight over training: constant:BETA, linear:STEPS, cyclical:PERIOD[:RATIO], free_bits:NATS",
+        choices="kl_schedules",
+        what="KL schedule",
+        spec=True,
+    )
+    seed: int = _opt(
+        0, "seed of weights, data order, binarisation and noise", low=0, high=SEED_MAX, why="numpy seeds are 32-bit"
+    )
+    device: str = _opt("auto", "auto (CUDA when present), cpu or cuda", choices=DEVICES, what="device")
+    max_steps: int | None = _opt(None, "stop after this many optimiser steps in total", low=1, resume="free")
+    threads: int | None = _opt(None, "torch CPU threads (default: torch's)", low=1, high=4096, why="more than any CPU")
+    progress: bool | None = _opt(None, "progress bar (default: on a terminal)", resume="free")
+    checkpoint_every: int | None = _opt(None, "also checkpoint every N steps", low=1, resume="free")
+    keep_last: int = _opt(
+        2, "checkpoints kept", low=1, high=100, why="each is a full copy rotated at every save", resume="free"
+    )
+    on_nonfinite: str = _opt(
+        "raise",
+        "on a NaN/inf loss or gradient: raise, or skip the batch",
+        choices=NONFINITE_POLICIES,
+        what="non-finite policy",
+        resume="free",
+    )
+    max_skips: int = _opt(10, "with --on-nonfinite skip: the most batches skipped", low=0, resume="free")
+    dist_backend: str = _opt(
+        "auto", "under torchrun: auto (nccl on CUDA), gloo or nccl", choices=DIST_BACKENDS, what="distributed backend"
+    )
+    tensorboard: bool = _opt(False, "write TensorBoard scalars under RUN/tensorboard/", resume="free")
+    early_stop: int | None = _opt(None, "stop after N epochs without a better test ELBO", low=1, resume="free")
+    early_stop_min_delta: float = _opt(0.0, "the test ELBO gain (nats) that counts as better", low=0.0, resume="free")
+    compile: bool = _opt(False, "compile the training step", resume="free")
 
     def __post_init__(self):
-        _positive_int("epochs", self.epochs)
-        _positive_int("batch_size", self.batch_size)
-        _positive_float("lr", self.lr)
-        if (
-            isinstance(self.weight_decay, bool)
-            or not isinstance(self.weight_decay, (int, float))
-            or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0)
-        ):
-            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
-        _positive_float("clip_norm", self.clip_norm, allow_none=True)
-        _positive_int("num_particles", self.num_particles)
+        _check_fields(self)
         spec = parse_objective_spec(self.objective)
         if spec.num_particles is not None and self.num_particles not in (1, spec.num_particles):
             raise ConfigError(
@@ -267,17 +361,6 @@ class TrainConfig:
             )
         if self.kl_schedule is not None:
             parse_schedule_spec(self.kl_schedule)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        _choice("device", self.device, DEVICES)
-        _positive_int("max_steps", self.max_steps, allow_none=True)
-        _positive_int("threads", self.threads, allow_none=True)
-        _positive_int("checkpoint_every", self.checkpoint_every, allow_none=True)
-        _positive_int("keep_last", self.keep_last)
-        _choice("non-finite policy", self.on_nonfinite, NONFINITE_POLICIES)
-        if isinstance(self.max_skips, bool) or not isinstance(self.max_skips, int) or self.max_skips < 0:
-            raise ConfigError(f"max_skips must be an integer >= 0, got {self.max_skips!r}")
-        _choice("distributed backend", self.dist_backend, DIST_BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -306,18 +389,22 @@ class RunConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
         if not isinstance(d, dict):
             raise ConfigError(f"a run config must be a mapping, got {type(d).__name__}")
-        unknown = set(d) - {"data", "model", "train"}
+        unknown = set(d) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"unknown config section(s) {sorted(unknown)}; expected 'data', 'model', 'train'")
         parts = {}
-        for name, klass in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
+        for name, klass in SECTIONS.items():
             section = d.get(name, {})
             if not isinstance(section, dict):
                 raise ConfigError(f"config section {name!r} must be a mapping, got {type(section).__name__}")
             known = {f.name for f in dataclasses.fields(klass)}
             bad = set(section) - known
             if bad:
-                hints = [f"{key!r} → {close[0]!r}" for key in sorted(bad) if (close := _close(key, known))]
+                hints = [
+                    f"{key!r} → {close[0]!r}"
+                    for key in sorted(bad)
+                    if (close := difflib.get_close_matches(key, sorted(known), n=1))
+                ]
                 raise ConfigError(
                     f"unknown key(s) {sorted(bad)} in config section {name!r}; known: {sorted(known)}"
                     + (f" (did you mean {', '.join(hints)}?)" if hints else "")
@@ -332,3 +419,32 @@ class RunConfig:
             current = getattr(self, name)
             parts[name] = dataclasses.replace(current, **changes)
         return dataclasses.replace(self, **parts)
+
+
+#: The sections of a :class:`RunConfig` and their classes.
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def resume_free_fields() -> dict[str, frozenset[str]]:
+    """Per section, the fields a resumed run may change (``resume: "free"`` in their metadata)."""
+    return {
+        name: frozenset(f.name for f in dataclasses.fields(klass) if f.metadata.get("resume") == "free")
+        for name, klass in SECTIONS.items()
+    }
+
+
+def resume_differences(saved: dict, current: dict) -> list[str]:
+    """The determinism-relevant config fields that differ between a checkpoint's config and the current one.
+
+    :param dict saved: ``RunConfig.to_dict()`` stored in the checkpoint.
+    :param dict current: the current ``RunConfig.to_dict()``, both resolved (threads and device filled in).
+    :returns: ``["train.seed: 0 → 1", ...]``, empty when the run may resume.
+    """
+    saved = RunConfig.from_dict(saved).to_dict()  # fills fields newer than the checkpoint with their defaults
+    out = []
+    for section, free in resume_free_fields().items():
+        before, after = saved[section], current[section]
+        for key in sorted(set(before) | set(after)):
+            if key not in free and before.get(key) != after.get(key):
+                out.append(f"{section}.{key}: {before.get(key)!r} → {after.get(key)!r}")
+    return out

@@ -44,7 +44,7 @@ def run(capsys, *argv):
 def assert_one_line(lines, *words):
     assert len(lines) == 1, lines
     (line,) = lines
-    assert line.startswith(("pyro-vae: error: ", "pyro-vae train: error: ")), line
+    assert line.startswith("pyro-vae: error: "), line  # one format everywhere, subcommands included
     for word in words:
         assert word in line, f"{word!r} not in {line!r}"
     return line
@@ -72,6 +72,7 @@ def with_inf():
 NPZ = {
     "wrong shape": ({"x": np.zeros(10, np.uint8)}, ["x has shape (10,)", "(N, H, W)", "reshape it"]),
     "colour channels": ({"x": rng_images(4, 3, 8, 8)}, ["3 channels", "convert them to greyscale"]),
+    "channels last": ({"x": rng_images(4, 28, 28, 1)}, ["shape (4, 28, 28, 1)", "channels-last", "x[..., 0]"]),
     "wrong dtype": ({"x": rng_images(20, 28, 28, dtype=np.int64)}, ["dtype int64", "x.astype(numpy.uint8)"]),
     "forgot /255": ({"x": rng_images(20, 28, 28, dtype=np.float32)}, ["values up to 25", "[0, 1]", "divide by 255"]),
     "negative": ({"x": np.full((20, 16), -0.5)}, ["values down to -0.5", "rescale them to [0, 1]"]),
@@ -124,24 +125,33 @@ def test_sizes_that_do_not_fit_the_data(capsys, tmp_path, args, words):
 # ------------------------------------------------------------------------------------------------- arguments
 
 ARGUMENTS = {
-    "epochs 0": (["--epochs", "0"], ["--epochs", "expected a positive int, got '0'"]),
-    "epochs negative": (["--epochs", "-3"], ["expected a positive int, got '-3'"]),
-    "lr 0": (["--lr", "0"], ["--lr", "expected a positive float, got '0'"]),
-    "lr nan": (["--lr", "nan"], ["expected a positive float, got 'nan'"]),
-    "lr text": (["--lr", "fast"], ["expected a positive float, got 'fast'"]),
-    "latent_dim 0": (["--latent-dim", "0"], ["--latent-dim", "expected a positive int"]),
-    "particles 0": (["--particles", "0"], ["--particles", "expected a positive int"]),
-    "batch size 0": (["--batch-size", "0"], ["--batch-size", "expected a positive int"]),
-    "keep_last 0": (["--keep-last", "0"], ["--keep-last", "expected a positive int"]),
+    "epochs 0": (["--epochs", "0"], ["argument --epochs: epochs must be a positive integer, got 0"]),
+    "epochs negative": (["--epochs", "-3"], ["epochs must be a positive integer, got -3"]),
+    "lr 0": (["--lr", "0"], ["argument --lr: lr must be a positive finite number, got 0.0"]),
+    "lr nan": (["--lr", "nan"], ["lr must be a positive finite number, got nan"]),
+    "lr text": (["--lr", "fast"], ["lr must be a positive finite number, got 'fast'"]),
+    "latent_dim 0": (["--latent-dim", "0"], ["argument --latent-dim: latent_dim must be a positive integer"]),
+    "latent_dim huge": (["--latent-dim", "1000000000"], ["latent_dim must be at most 4096", "got 1000000000"]),
+    "hidden width huge": (["--hidden-dims", "64,100000000"], ["every entry of hidden_dims must be at most 16384"]),
+    "batch huge": (["--batch-size", "1000000000000"], ["batch_size must be at most 1048576"]),
+    "particles 0": (["--particles", "0"], ["argument --particles: num_particles must be a positive integer"]),
+    "particles huge": (["--particles", "100000000"], ["num_particles must be at most 4096"]),
+    "batch size 0": (["--batch-size", "0"], ["argument --batch-size: batch_size must be a positive integer"]),
+    "keep_last 0": (["--keep-last", "0"], ["argument --keep-last: keep_last must be a positive integer"]),
+    "keep_last huge": (["--keep-last", "1000000"], ["keep_last must be at most 100"]),
     "max_skips negative": (["--max-skips", "-1"], ["max_skips must be an integer >= 0, got -1"]),
-    "hidden dims": (["--hidden-dims", "32,x"], ["--hidden-dims must be comma-separated integers, got '32,x'"]),
+    "seed 2**32": (["--seed", "4294967296"], ["seed must be at most 4294967295 (numpy seeds are 32-bit)"]),
+    "seed 1e23": (["--seed", "1e23"], ["argument --seed: seed must be an integer >= 0, got '1e23'"]),
+    "early stop 0": (["--early-stop", "0"], ["argument --early-stop: early_stop must be a positive integer, got 0"]),
+    "early stop delta": (["--early-stop-min-delta", "-1"], ["early_stop_min_delta must be a finite number >= 0"]),
+    "hidden dims": (["--hidden-dims", "32,x"], ["hidden_dims must be comma-separated integers, got '32,x'"]),
     "guide": (["--guide", "mvn_dag"], ["unknown guide family 'mvn_dag'", "did you mean 'mvn_diag'?"]),
     "likelihood": (["--likelihood", "bernouli"], ["unknown likelihood 'bernouli'", "did you mean 'bernoulli'?"]),
     "objective": (["--objective", "trce"], ["unknown objective 'trce'", "did you mean 'trace'?"]),
-    "dataset": (["--dataset", "fashion"], ["invalid choice: 'fashion'", "did you mean 'fashion-mnist'?"]),
-    "binarize": (["--binarize", "dynamc"], ["invalid choice: 'dynamc'", "did you mean 'dynamic'?"]),
-    "device": (["--device", "cuda0"], ["invalid choice: 'cuda0'", "did you mean 'cuda'?"]),
-    "on_nonfinite": (["--on-nonfinite", "skp"], ["invalid choice: 'skp'", "did you mean 'skip'?"]),
+    "dataset": (["--dataset", "fashion"], ["unknown dataset 'fashion'", "did you mean 'fashion-mnist'?"]),
+    "binarize": (["--binarize", "dynamc"], ["unknown binarization 'dynamc'", "did you mean 'dynamic'?"]),
+    "device": (["--device", "cuda0"], ["unknown device 'cuda0'", "did you mean 'cuda'?"]),
+    "on_nonfinite": (["--on-nonfinite", "skp"], ["unknown non-finite policy 'skp'", "did you mean 'skip'?"]),
     "grey levels for bernoulli": (
         ["--binarize", "none"],
         ["bernoulli likelihood needs binary data", "continuous_bernoulli"],
@@ -175,6 +185,15 @@ CONFIGS = {
     "non-positive lr": (json.dumps({"train": {"lr": -1}}), ["lr must be a positive finite number, got -1"]),
     "unknown guide": (json.dumps({"model": {"guide": "ful_rank"}}), ["did you mean 'full_rank'?"]),
     "unknown dataset": (json.dumps({"data": {"dataset": "fashion"}}), ["did you mean 'fashion-mnist'?"]),
+    "threshold as text": (json.dumps({"data": {"threshold": "0.5"}}), ["threshold must be a number", "got '0.5'"]),
+    "hidden_dims null": (json.dumps({"model": {"hidden_dims": None}}), ["hidden_dims must be a list of integers"]),
+    "guide number": (json.dumps({"model": {"guide": 3}}), ["guide must be a string, got 3"]),
+    "likelihood null": (json.dumps({"model": {"likelihood": None}}), ["likelihood must be a string, got null"]),
+    "progress text": (json.dumps({"train": {"progress": "no"}}), ["progress must be true, false or null, got 'no'"]),
+    "seed too large": (json.dumps({"train": {"seed": 2**32}}), ["seed must be at most 4294967295"]),
+    "latent huge": (json.dumps({"model": {"latent_dim": 10**12}}), ["latent_dim must be at most 4096"]),
+    "deep nesting": ("[" * 100_000 + "]" * 100_000, ["nests too deeply to read"]),
+    "huge integer": ('{"train": {"epochs": ' + "9" * 5000 + "}}", ["is not valid JSON", "digits"]),
 }
 
 
@@ -186,6 +205,33 @@ def test_bad_config_files(capsys, tmp_path, case):
     assert code == 2
     assert_one_line(lines, "pyro-vae: error: ", *words)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_that_is_not_utf8(capsys, tmp_path):
+    (tmp_path / "c.json").write_bytes(b'{"model": {"guide": "caf\xe9"}}')
+    code, lines = run(capsys, "train", "--config", tmp_path / "c.json", "--out", tmp_path / "run")
+    assert code == 2
+    assert_one_line(lines, "is not UTF-8 text (byte 24)", "save it as UTF-8 JSON")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_a_config_file_without_end(capsys, tmp_path):
+    """--config /dev/zero reads at most 1 MiB (it used to read until a MemoryError)."""
+    code, lines = run(capsys, "train", "--config", "/dev/zero", "--out", tmp_path / "run")
+    assert code == 2
+    assert_one_line(lines, "config file /dev/zero is larger than 1048576 bytes")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "sample"])
+@pytest.mark.parametrize("seed", ["4294967296", "1e23", "-1"])
+def test_bad_seeds_of_evaluate_and_sample(capsys, tmp_path, command, seed):
+    """Seeds are 0 <= seed < 2**32 everywhere; refused before the run directory is even looked at."""
+    extra = ["--out", tmp_path / "s.png"] if command == "sample" else []
+    code, lines = run(capsys, command, tmp_path / "no-run", "--seed", seed, *extra)
+    assert code == 2
+    assert_one_line(lines, "argument --seed: seed must be", seed)
 
 
 def test_a_missing_config_file(capsys, tmp_path):

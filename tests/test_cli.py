@@ -1,5 +1,6 @@
 """The command line, run as users run it: in a subprocess."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from pyro_vae import cli
+from pyro_vae.cli.flags import flag_of
+from pyro_vae.config import SECTIONS
 
 TINY = ["--n-train", "300", "--n-test", "100", "--epochs", "1", "--batch-size", "100", "--latent-dim", "2"]
 TINY_NET = ["--hidden-dims", "32,16"]
@@ -61,14 +64,16 @@ def test_existing_run_is_not_touched_without_overwrite(trained_run):
     assert (out / "last.pt").read_bytes() == before
 
 
-def test_train_on_users_npz(tmp_path):
+def test_train_on_users_npz_and_evaluate_from_another_directory(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(120, 28, 28), dtype=np.uint8)
     np.savez(tmp_path / "mine.npz", x=x, y=rng.integers(0, 10, size=120))
+    (tmp_path / "elsewhere").mkdir()  # a decoy of the same name and shape, but 200 images, in another directory
+    np.savez(tmp_path / "elsewhere" / "mine.npz", x=rng.integers(0, 256, size=(200, 28, 28), dtype=np.uint8))
     proc = run_cli(
         "train",
         "--data",
-        tmp_path / "mine.npz",
+        "mine.npz",
         "--epochs",
         "1",
         "--batch-size",
@@ -76,19 +81,25 @@ def test_train_on_users_npz(tmp_path):
         *TINY_NET,
         "--out",
         tmp_path / "run",
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["data"]["n_train"] + saved["data"]["n_test"] == 120
+    assert saved["config"]["data"]["path"] == str((tmp_path / "mine.npz").resolve())
+    # Defect 4: evaluate run from the other directory reads the run's file (12 test images), not the decoy (20).
+    proc = run_cli("evaluate", tmp_path / "run", "--k", "1", cwd=tmp_path / "elsewhere")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["num_images"] == 12
 
 
 @pytest.mark.parametrize(
     ("args", "words"),
     [
         (["train", "--guide", "mvn_dag"], "did you mean 'mvn_diag'"),
-        (["train", "--epochs", "0"], "expected a positive int"),
-        (["train", "--lr", "abc"], "expected a positive float"),
-        (["train", "--dataset", "cifar"], "invalid choice"),
+        (["train", "--epochs", "0"], "argument --epochs: epochs must be a positive integer, got 0"),
+        (["train", "--lr", "abc"], "argument --lr: lr must be a positive finite number, got 'abc'"),
+        (["train", "--dataset", "cifar"], "unknown dataset 'cifar'"),
         (["train", "--likelihood", "gauss"], "unknown likelihood"),
         (["frobnicate"], "invalid choice"),
     ],
@@ -98,6 +109,7 @@ def test_bad_arguments_give_one_line_and_exit_2(args, words):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0]
+    assert lines[0].startswith("pyro-vae: error: ")  # one format, for the subcommands too (not "pyro-vae train:")
     assert "Traceback" not in proc.stderr
 
 
@@ -136,10 +148,60 @@ def test_cli_choices_equal_the_registries():
     from pyro_vae.guides import family_names
     from pyro_vae.likelihoods import likelihood_names
     from pyro_vae.objectives import objective_names
+    from pyro_vae.schedules import schedule_names
 
     assert sorted(cli.GUIDE_CHOICES) == family_names()
     assert sorted(cli.LIKELIHOOD_CHOICES) == likelihood_names()
     assert sorted(cli.OBJECTIVE_CHOICES) == objective_names()
+    assert sorted(cli.KL_SCHEDULE_CHOICES) == schedule_names()
+    registry_keys = {f.metadata.get("choices") for k in SECTIONS.values() for f in dataclasses.fields(k)} - {None}
+    assert {key for key in registry_keys if isinstance(key, str)} == set(cli.REGISTRIES)
+
+
+def _help(*command):
+    proc = run_cli(*command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    return " ".join(proc.stdout.split())  # argparse wraps the help; compare it unwrapped
+
+
+@pytest.mark.parametrize(("command", "excluded"), [("train", set()), ("compare", {"guide", "seed"})])
+def test_every_config_field_has_a_flag_or_is_excluded(command, excluded):
+    """Flags are generated from the config's field metadata: every field has one (with the field's help), or says
+    why not; compare leaves out the two fields it sets itself (--guides, --seeds)."""
+    text = _help(command)
+    for klass in SECTIONS.values():
+        for f in dataclasses.fields(klass):
+            flag = flag_of(f)
+            if flag is None:
+                assert f.metadata["reason"], f.name
+            elif f.name in excluded:
+                assert f"{flag} " not in text, flag
+            else:
+                assert f"{flag} " in text and f.metadata["help"] in text, (flag, f.metadata["help"])
+
+
+def test_help_lists_every_registry_name():
+    text = _help("train")
+    for names in cli.REGISTRIES.values():
+        assert f"one of: {', '.join(sorted(names))}" in text
+
+
+def test_new_training_flags_reach_the_config():
+    argv = ["train", "--tensorboard", "--early-stop", "3", "--early-stop-min-delta", "0.5", "--compile"]
+    train = cli.config_from_args(cli.build_parser().parse_args(argv)).train
+    assert (train.tensorboard, train.early_stop, train.early_stop_min_delta, train.compile) == (True, 3, 0.5, True)
+    train = cli.config_from_args(cli.build_parser().parse_args(["train", "--no-tensorboard"])).train
+    assert (train.tensorboard, train.early_stop, train.compile) == (False, None, False)
+
+
+def test_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):
+    """Defect 4: the config records the resolved absolute path of --data (and --data-dir), so that a command run from
+    another directory reads the same file."""
+    monkeypatch.chdir(tmp_path)
+    args = cli.build_parser().parse_args(["train", "--data", "sub/../mine.npz", "--data-dir", "."])
+    config = cli.config_from_args(args)
+    assert config.data.path == str(tmp_path.resolve() / "mine.npz")
+    assert config.data.data_dir == str(tmp_path.resolve())
 
 
 def test_device_auto_resolves():

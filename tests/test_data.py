@@ -2,9 +2,11 @@ import gzip
 import hashlib
 import importlib.resources
 import importlib.util
+import io
 import json
 import shutil
 import urllib.error
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from pyro_vae.data import (
     EpochBatches,
     binarize_eval,
     check_batch_size,
+    check_dataset,
     check_likelihood_data,
     derive_seed,
     load_dataset,
@@ -322,6 +325,8 @@ NPZ_BAD = {
     "empty": ({"x": np.zeros((0, 28, 28), np.uint8)}, ["x is empty"]),
     "wrong ndim": ({"x": np.zeros(10, np.uint8)}, ["shape (10,)", "(N, H, W)"]),
     "rgb": ({"x": np.zeros((4, 3, 8, 8), np.uint8)}, ["3 channels", "greyscale"]),
+    "channels last": ({"x": np.zeros((4, 8, 8, 1), np.uint8)}, ["(4, 8, 8, 1)", "channels-last", "x[..., 0]"]),
+    "rgb channels last": ({"x": np.zeros((4, 8, 8, 3), np.uint8)}, ["channels-last", "3 channel(s)", "greyscale"]),
     "float over 1": ({"x": images(10).astype(np.float32)}, ["x has values up to", "[0, 1]", "divide by 255"]),
     "negative": ({"x": np.full((10, 4), -0.5)}, ["down to -0.5"]),
     "nan": ({"x": _nan_images()}, ["2 NaN", "first in image 3"]),
@@ -360,6 +365,75 @@ def test_npz_that_is_not_an_npz(tmp_path):
     np.savez(tmp_path / "objects.npz", x=np.array([None, 1], dtype=object))
     with raises_data_error("'x'", "cannot be read"):
         load_npz(tmp_path / "objects.npz")
+
+
+def test_channels_last_is_not_called_many_channels(tmp_path):
+    """Defect 13: (N, 28, 28, 1) used to be reported as "28 channels"."""
+    np.savez(tmp_path / "cl.npz", x=np.zeros((4, 28, 28, 1), np.uint8))
+    with pytest.raises(DataError) as info:
+        load_npz(tmp_path / "cl.npz")
+    assert "28 channels" not in str(info.value) and "channels-last" in str(info.value)
+
+
+def _npz_with_header(path, shape, payload=b"\0" * 64, *, compression=zipfile.ZIP_STORED, file_size=None):
+    """An .npz whose x.npy header claims ``shape`` (uint8) but holds only ``payload``."""
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    member.write(payload)
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        archive.writestr("x.npy", member.getvalue())
+    return path
+
+
+def test_npz_header_claiming_a_huge_array_is_refused_before_allocating(tmp_path):
+    """Defect 8: a header claiming 10**12 elements used to reach numpy's allocation (MemoryError)."""
+    path = _npz_with_header(tmp_path / "huge.npz", (10**12,))
+    with raises_data_error("array 'x'", "claims shape (1000000000000,)", "holds at most 64 bytes"):
+        load_npz(path)
+    # Compressed, the bound is deflate's largest expansion (1032-fold), whatever the directory claims.
+    path = _npz_with_header(tmp_path / "huge_z.npz", (10**12,), compression=zipfile.ZIP_DEFLATED)
+    with raises_data_error("claims shape (1000000000000,)"):
+        load_npz(path)
+
+
+def test_npz_header_check_accepts_what_numpy_writes(tmp_path):
+    """The header check does not refuse real files: highly compressible data near deflate's limit loads."""
+    x = np.zeros((3000, 784), np.uint8)
+    np.savez_compressed(tmp_path / "zeros.npz", x=x)
+    data = load_npz(tmp_path / "zeros.npz")
+    assert data.x_train.shape[0] + data.x_test.shape[0] == 3000
+
+
+def _hand_made(x_train, x_test=None):
+    x_test = x_train[:2] if x_test is None else x_test
+    return Dataset("hand-made", x_train, None, x_test, None, None, False)
+
+
+@pytest.mark.parametrize(
+    ("x", "words"),
+    [
+        (
+            torch.zeros(4, 3, dtype=torch.int64),
+            ["data.x_train is a torch.int64 tensor of shape (4, 3)", "float (N, D)"],
+        ),
+        (torch.zeros(4, 2, 2), ["data.x_train", "shape (4, 2, 2)"]),
+        (torch.zeros(0, 3), ["shape (0, 3)", "N >= 1"]),
+        (torch.tensor([[0.5, float("nan")], [0.1, 0.2]]), ["data.x_train contains 1 NaN values (first in image 0)"]),
+        (torch.tensor([[0.5, 0.1], [0.1, float("inf")]]), ["1 infinite values (first in image 1)"]),
+        (torch.tensor([[0.5, 200.0]]), ["data.x_train has values up to 200.0", "divide by 255"]),
+        (torch.tensor([[0.5, -1.0]]), ["data.x_train has values down to -1.0", "rescale them to [0, 1]"]),
+    ],
+)
+def test_check_dataset_refuses_hand_made_data(x, words):
+    with raises_data_error(*words):
+        check_dataset(_hand_made(x, x_test=torch.rand(2, x.shape[-1]) if x.ndim == 2 else None))
+
+
+def test_check_dataset_names_the_test_split_and_passes_good_data():
+    good = torch.rand(5, 3, generator=torch.Generator().manual_seed(0))
+    check_dataset(_hand_made(good))  # no error
+    with raises_data_error("data.x_test has values up to 2.0"):
+        check_dataset(_hand_made(good, x_test=torch.tensor([[0.0, 2.0, 1.0]])))
 
 
 def test_validate_images_accepts_tensors_and_read_only_arrays():

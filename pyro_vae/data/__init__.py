@@ -1,6 +1,7 @@
 """Data for pyro_vae: loading and validating image sets, and reproducible mini-batches.
 
-* :func:`load_dataset` turns a :class:`~pyro_vae.config.DataConfig` into a validated :class:`Dataset`;
+* :func:`load_dataset` turns a :class:`~pyro_vae.config.DataConfig` into a validated :class:`Dataset`, and
+  :func:`check_dataset` checks a :class:`Dataset` built by hand (image validation lives in ``data/images.py`` only);
 * :class:`EpochBatches` yields seeded, resumable, optionally sharded and binarised :class:`Batch` records;
 * :func:`read_idx` / :func:`write_idx` handle the IDX files of MNIST and Fashion-MNIST.
 """
@@ -13,7 +14,7 @@ from pyro_vae.data.batches import (
     check_likelihood_data,
     derive_seed,
 )
-from pyro_vae.data.datasets import Dataset, load_dataset, validate_images
+from pyro_vae.data.datasets import Dataset, check_dataset, load_dataset, validate_images
 from pyro_vae.data.idx import read_idx, write_idx
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "EpochBatches",
     "binarize_eval",
     "check_batch_size",
+    "check_dataset",
     "check_likelihood_data",
     "derive_seed",
     "load_dataset",

@@ -10,7 +10,7 @@
 * ``mnist``: :class:`torchvision.datasets.MNIST`, downloaded into ``data_dir`` (default ``./data``);
 * ``npz``: the user's ``.npz`` file (see :func:`load_dataset`).
 
-All images pass through :func:`validate_images` once, at load; anything unusable is a
+All images pass through :func:`~pyro_vae.data.images.validate_images` once, at load; anything unusable is a
 :class:`~pyro_vae.errors.DataError` that says what was found and what to do.
 """
 
@@ -20,6 +20,7 @@ import hashlib
 import importlib.resources
 import json
 import logging
+import math
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -32,6 +33,7 @@ import torch
 
 from pyro_vae.config import DEFAULT_FASHION_MNIST_DIR, DataConfig
 from pyro_vae.data.idx import decode_idx, read_idx
+from pyro_vae.data.images import check_image_tensor, images_and_shape, labels, validate_images
 from pyro_vae.errors import DataError, unknown_choice
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ __all__ = [
     "FASHION_MNIST_HINT",
     "HOLDOUT_SEED",
     "Dataset",
+    "check_dataset",
     "load_dataset",
     "load_embedded_files",
     "validate_images",
@@ -67,6 +70,7 @@ _IDX_STEMS = {
     "y_test": "t10k-labels-idx1-ubyte",
 }
 _NPZ_KEYS = ("x", "y", "x_test", "y_test")
+_SAVE_HINT = "save the images with numpy.savez(path, x=images, y=labels)"
 
 
 @dataclass(frozen=True, repr=False)
@@ -99,11 +103,23 @@ class Dataset:
 
     def __repr__(self) -> str:
         # The default repr would print every pixel.
-        labels = "labelled" if self.y_train is not None else "unlabelled"
+        labelled = "labelled" if self.y_train is not None else "unlabelled"
         return (
             f"Dataset(name={self.name!r}, train={tuple(self.x_train.shape)}, test={tuple(self.x_test.shape)}, "
-            f"image_shape={self.image_shape}, binary={self.binary}, {labels})"
+            f"image_shape={self.image_shape}, binary={self.binary}, {labelled})"
         )
+
+
+def check_dataset(data: Dataset) -> None:
+    """Refuse a :class:`Dataset` whose images are not float ``(N, D)``, finite and in ``[0, 1]``.
+
+    :func:`load_dataset` validates what it loads; this catches a :class:`Dataset` built by hand before training, where
+    one NaN pixel turns every weight into NaN in a single step.
+
+    :raises DataError: naming the split (``data.x_train`` or ``data.x_test``), what was found and what to do.
+    """
+    for what, x in (("data.x_train", data.x_train), ("data.x_test", data.x_test)):
+        check_image_tensor(x, what=what)
 
 
 class _Loaded(NamedTuple):
@@ -115,124 +131,19 @@ class _Loaded(NamedTuple):
     image_shape: tuple[int, ...] | None
 
 
-def _as_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        if x.dtype == torch.bfloat16:
-            # numpy has no bfloat16; float32 holds every bfloat16 value exactly.
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
-
-
-def _check_shape(x: np.ndarray, what: str) -> tuple[int, ...] | None:
-    """Return the per-image shape to remember, or refuse shapes that are not images."""
-    shape = tuple(x.shape)
-    expected = "(N, H, W), (N, 1, H, W) or flat (N, D)"
-    if x.ndim not in (2, 3, 4):
-        raise DataError(f"{what} has shape {shape} but images must be {expected}; reshape it")
-    if x.ndim == 4 and shape[1] != 1:
-        raise DataError(
-            f"{what} has shape {shape}, i.e. {shape[1]} channels, but images must be {expected}; "
-            "convert them to greyscale or flatten them to (N, D)"
-        )
-    if shape[0] == 0:
-        raise DataError(f"{what} is empty (shape {shape}); it needs at least one image")
-    if 0 in shape[1:]:
-        raise DataError(f"{what} has shape {shape}, i.e. images without pixels; check how it was made")
-    if x.ndim == 2:
-        return None
-    return shape[-2:]
-
-
-def _non_finite_message(x: np.ndarray, what: str) -> str | None:
-    finite = np.isfinite(x)
-    if finite.all():
-        return None
-    n_nan = int(np.isnan(x).sum())
-    n_inf = int(x.size - finite.sum()) - n_nan
-    first = int(np.argmin(finite.reshape(len(x), -1).all(axis=1)))
-    parts = [f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (n_inf, "infinite")) if n]
-    return f"{what} contains {' and '.join(parts)} values (first in image {first}); remove or replace those images"
-
-
-def _images(x: Any, what: str) -> tuple[torch.Tensor, tuple[int, ...] | None]:
-    arr = _as_numpy(x)
-    image_shape = _check_shape(arr, what)
-    n = arr.shape[0]
-    kind = arr.dtype.kind
-    if arr.dtype == np.uint8:
-        out = arr.reshape(n, -1).astype(np.float32) / np.float32(255.0)
-    elif kind == "b":
-        out = arr.reshape(n, -1).astype(np.float32)
-    elif kind == "f":
-        message = _non_finite_message(arr, what)
-        if message:
-            raise DataError(message)
-        low, high = float(arr.min()), float(arr.max())
-        if low < 0.0:
-            raise DataError(
-                f"{what} has values down to {low} but float images must lie in [0, 1]; rescale them to [0, 1]"
-            )
-        if high > 1.0:
-            fix = "divide by 255" if high <= 255.0 else "rescale them to [0, 1]"
-            raise DataError(f"{what} has values up to {high} but float images must lie in [0, 1]; {fix}")
-        # astype copies, so the tensor owns writable memory even when the input array was read-only.
-        out = arr.reshape(n, -1).astype(np.float32)
-    elif kind in "iu":
-        low, high = int(arr.min()), int(arr.max())
-        raise DataError(
-            f"{what} has dtype {arr.dtype} (values {low}..{high}) but images must be uint8 0..255 or float in "
-            "[0, 1]; cast it with x.astype(numpy.uint8) if the values are 0..255, or divide by 255"
-        )
-    else:
-        raise DataError(f"{what} has dtype {arr.dtype} but images must be uint8 0..255 or float in [0, 1]")
-    return torch.from_numpy(np.ascontiguousarray(out)), image_shape
-
-
-def validate_images(x: np.ndarray | torch.Tensor, *, what: str) -> torch.Tensor:
-    """Check images and convert them to the float32 ``(N, D)`` layout every model in pyro_vae takes.
-
-    Accepted are ``uint8`` values 0..255 (divided by 255), ``bool`` values, and float values in ``[0, 1]``, shaped
-    ``(N, H, W)``, ``(N, 1, H, W)`` or ``(N, D)``.
-
-    :param x: the images, a numpy array or torch tensor (on any device).
-    :param str what: how to name ``x`` in error messages, e.g. ``"x"`` or a file name.
-    :returns: a contiguous CPU float32 tensor of shape ``(N, D)`` with values in ``[0, 1]``, not sharing memory
-        with ``x``.
-    :raises DataError: if ``x`` is empty, not shaped like images, of another dtype (e.g. int64), contains NaN or
-        infinite values, or has float values outside ``[0, 1]``.
-    """
-    return _images(x, what)[0]
-
-
-def _labels(y: Any, n: int, *, what: str, images: str) -> torch.Tensor:
-    arr = _as_numpy(y)
-    if arr.dtype.kind not in "iu":
-        raise DataError(f"{what} has dtype {arr.dtype} but labels must be integers; cast it with y.astype(numpy.int64)")
-    if arr.ndim != 1:
-        raise DataError(f"{what} has shape {tuple(arr.shape)} but labels must be a vector (N,); flatten it")
-    if len(arr) != n:
-        raise DataError(
-            f"{what} has {len(arr)} labels but {images} has {n} images; they must match one to one, "
-            "check that they belong together"
-        )
-    return torch.from_numpy(arr.astype(np.int64))
-
-
 def _split(
     name: str, x_train: Any, y_train: Any, x_test: Any, y_test: Any, *, what: tuple[str, str, str, str]
 ) -> _Loaded:
     """Validate both splits of a source; ``what`` names x_train, y_train, x_test, y_test in messages."""
-    xt, shape_train = _images(x_train, what[0])
-    xs, shape_test = _images(x_test, what[2])
+    xt, shape_train = images_and_shape(x_train, what[0])
+    xs, shape_test = images_and_shape(x_test, what[2])
     if xt.shape[1] != xs.shape[1] or shape_train != shape_test:
         raise DataError(
             f"{what[0]} holds images of shape {shape_train or xt.shape[1]} but {what[2]} of shape "
             f"{shape_test or xs.shape[1]}; both splits must have the same image shape"
         )
-    yt = None if y_train is None else _labels(y_train, len(xt), what=what[1], images=what[0])
-    ys = None if y_test is None else _labels(y_test, len(xs), what=what[3], images=what[2])
+    yt = None if y_train is None else labels(y_train, len(xt), what=what[1], images=what[0])
+    ys = None if y_test is None else labels(y_test, len(xs), what=what[3], images=what[2])
     return _Loaded(name, xt, yt, xs, ys, shape_train)
 
 
@@ -344,27 +255,64 @@ def _load_mnist(config: DataConfig) -> _Loaded:
     )
 
 
-def _load_npz(config: DataConfig) -> _Loaded:
-    path = Path(config.path)
+def _check_npz_sizes(path: Path, keys: list[str]) -> None:
+    """Read the ``.npy`` header of each array in the archive and refuse one that claims more bytes than its member
+    holds, before numpy allocates the array it claims (a header saying 10**12 elements is a MemoryError)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for key in keys:
+                info = archive.getinfo(f"{key}.npy")
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = {
+                        (1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0,
+                    }.get(version)
+                    if read_header is None:
+                        raise DataError(
+                            f"array {key!r} of data file {path} is in .npy format version {version}, which pyro_vae "
+                            f"does not read; {_SAVE_HINT}"
+                        )
+                    shape, _, dtype = read_header(member)
+                    if dtype.hasobject:
+                        continue  # refused when read, since pickles are never loaded
+                    claimed = math.prod(shape) * dtype.itemsize
+                    held = info.file_size - member.tell()
+                    if info.compress_type == zipfile.ZIP_DEFLATED:
+                        # The directory's file_size can lie too; deflate cannot expand a byte more than 1032-fold.
+                        held = min(held, 1032 * info.compress_size)
+                    if claimed > held:
+                        raise DataError(
+                            f"array {key!r} of data file {path} claims shape {shape} of {dtype} ({claimed} bytes) but "
+                            f"holds at most {held} bytes; the file is damaged, {_SAVE_HINT}"
+                        )
+    except DataError:
+        raise
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"data file {path} cannot be read as an .npz archive ({exc}); {_SAVE_HINT}") from exc
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays x, y, x_test and y_test that the ``.npz`` file holds, each checked against its header first."""
     if not path.is_file():
         raise DataError(f"data file {path} not found; check the path given with --data")
     size = path.stat().st_size
-    save_hint = "save the images with numpy.savez(path, x=images, y=labels)"
     try:
         archive = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"data file {path} ({size} bytes) is not a numpy .npz archive ({exc}); {save_hint}") from exc
+        raise DataError(f"data file {path} ({size} bytes) is not a numpy .npz archive ({exc}); {_SAVE_HINT}") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(f"data file {path} holds a single array (.npy), not an .npz archive; {save_hint}")
+        raise DataError(f"data file {path} holds a single array (.npy), not an .npz archive; {_SAVE_HINT}")
     with archive:
         keys = list(archive.files)
         if "x" not in keys:
             raise DataError(
-                f"data file {path} has no array 'x' (it has: {', '.join(keys) or 'no arrays'}); {save_hint}"
+                f"data file {path} has no array 'x' (it has: {', '.join(keys) or 'no arrays'}); {_SAVE_HINT}"
             )
         ignored = sorted(set(keys) - set(_NPZ_KEYS))
         if ignored:
             logger.warning("ignoring arrays %s in %s: only x, y, x_test and y_test are read", ignored, path)
+        _check_npz_sizes(path, [key for key in _NPZ_KEYS if key in keys])
         arrays = {}
         for key in _NPZ_KEYS:
             if key not in keys:
@@ -372,7 +320,13 @@ def _load_npz(config: DataConfig) -> _Loaded:
             try:
                 arrays[key] = archive[key]
             except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-                raise DataError(f"array {key!r} of data file {path} cannot be read ({exc}); {save_hint}") from exc
+                raise DataError(f"array {key!r} of data file {path} cannot be read ({exc}); {_SAVE_HINT}") from exc
+    return arrays
+
+
+def _load_npz(config: DataConfig) -> _Loaded:
+    path = Path(config.path)
+    arrays = _read_npz(path)
     if "y_test" in arrays and "x_test" not in arrays:
         raise DataError(f"data file {path} has y_test but no x_test; add the test images or drop y_test")
     if "x_test" in arrays and ("y" in arrays) != ("y_test" in arrays):
@@ -388,8 +342,8 @@ def _load_npz(config: DataConfig) -> _Loaded:
             arrays.get("y_test"),
             what=("x", "y", "x_test", "y_test"),
         )
-    x, image_shape = _images(arrays["x"], "x")
-    y = _labels(arrays["y"], len(x), what="y", images="x") if "y" in arrays else None
+    x, image_shape = images_and_shape(arrays["x"], "x")
+    y = labels(arrays["y"], len(x), what="y", images="x") if "y" in arrays else None
     n = len(x)
     n_test = max(1, round(n * config.test_fraction))
     if n_test >= n:
