@@ -16,7 +16,7 @@ import torch
 from pyro_vae.config import DEFAULT_FASHION_MNIST_DIR, DataConfig
 from pyro_vae.data.datasets import Dataset
 
-__all__ = ["DataRecord", "config_at", "data_fingerprint", "data_record"]
+__all__ = ["DataRecord", "config_at", "data_fingerprint", "data_record", "data_source"]
 
 #: Where each data set is read from when ``data_dir`` is not given (mirrors :mod:`pyro_vae.data.datasets`).
 _DEFAULT_DIRS = {"fashion-mnist": DEFAULT_FASHION_MNIST_DIR, "mnist": "./data"}
@@ -53,7 +53,7 @@ def data_fingerprint(data: Dataset) -> str:
     return digest.hexdigest()
 
 
-def _source(config: DataConfig) -> str | None:
+def data_source(config: DataConfig) -> str | None:
     """The file or directory ``config`` reads, resolved to an absolute path (``None`` for the embedded set)."""
     if config.dataset == "npz":
         return str(Path(config.path).expanduser().resolve())
@@ -69,7 +69,7 @@ def data_record(data: Dataset, config: DataConfig) -> DataRecord:
         n_train=int(data.x_train.shape[0]),
         n_test=int(data.x_test.shape[0]),
         sha256=data_fingerprint(data),
-        path=_source(config),
+        path=data_source(config),
     )
 
 
