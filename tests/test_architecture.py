@@ -29,6 +29,7 @@ LAYERS = {
     "checkpoint": 3,
     "optim": 3,
     "distributed": 3,
+    "run_dir": 4,
     "train": 4,
     "compare": 5,
     "plotting": 5,

@@ -255,7 +255,7 @@ class TrainingState:
         for key, problem in problems:
             if problem is not None:
                 raise CheckpointError(f"checkpoint {source}: field {key!r} {problem}; the file is damaged or crafted")
-        fields = {name: payload[name] for name in _CHECKS}
+        fields = {name: payload[name] for name in _CHECKS if name != "metrics"}
         fields["data"] = DataRecord(**{k: payload["data"].get(k) for k in DataRecord._fields})
         fields["progress"] = Progress(**payload["progress"])
         return cls(**fields, metrics_offset=payload["metrics"]["offset"])

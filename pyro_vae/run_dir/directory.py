@@ -404,9 +404,9 @@ class RunDir:
         """
         self._need_lock("save_checkpoint")
         data = serialise(self.chain.last, dataclasses.replace(state, run_id=self.run_id).to_payload())
-        if not self._saved and self._source is not None and chain_of(self._source) is not None:
-            if self._source.exists() and chain_of(self._source)[1] > 0:
-                self.chain.set_aside(self._source)
+        source = self._source or self._resume_from
+        if not self._saved and source is not None and source.exists() and chain_of(source) != ("last", 0):
+            self.chain.set_aside(source)
         path = self.chain.save(data)
         self._saved = True
         return path
