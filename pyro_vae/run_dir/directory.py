@@ -334,6 +334,8 @@ class RunDir:
     def write_config(self, record: dict) -> None:
         """Write ``config.json``: ``record`` stamped with :data:`CONFIG_FORMAT` and the run id."""
         self._need_lock("write_config")
+        if self.mode == "resume":
+            self.resume_state()  # settles the run id (config.json's, or the checkpoint's for older runs)
         self.write_json("config.json", {**record, "format": CONFIG_FORMAT, "run_id": self.run_id})
 
     def metrics(self, offset: int | None = None, *, rebuild: Sequence[dict] | None = None) -> MetricsLog:
