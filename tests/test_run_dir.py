@@ -262,7 +262,7 @@ def test_defect_7_a_full_disk_while_writing_a_figure_leaves_no_empty_png(tmp_pat
 
 
 @pytest.mark.parametrize("existed", [False, True], ids=["made-by-open", "empty-before"])
-def test_defect_7_a_full_disk_at_the_first_checkpoint_leaves_a_directory_a_rerun_accepts(tmp_path, monkeypatch, existed):
+def test_defect_7_a_full_disk_at_the_first_checkpoint_leaves_a_state_a_rerun_accepts(tmp_path, monkeypatch, existed):
     run = tmp_path / "runs" / "a"
     if existed:
         run.mkdir(parents=True)
@@ -415,3 +415,208 @@ def test_defect_12_readers_survive_a_writer_rotating_the_chain(tmp_path):
     assert failures == []
     assert last_step > 10 and len(steps) >= 5, (last_step, len(steps))  # the race was exercised
     assert steps == sorted(steps)  # a reader never goes back to an older checkpoint than one it already saw
+
+
+# ----------------------------------------------------------------------------------------- defect 13: smaller ones
+
+
+def test_defect_13_non_finite_numbers_are_written_as_null(tmp_path):
+    record = {"elbo": float("nan"), "kl": [float("inf"), 1.5, -float("inf")], "nested": {"x": float("nan")}}
+    path = RunDir(tmp_path).write_json("eval.json", record)
+    assert json.loads(path.read_text()) == {"elbo": None, "kl": [None, 1.5, None], "nested": {"x": None}}
+    with RunDir(tmp_path / "run").open("new") as writer:
+        log = writer.metrics()
+        log.append(record)
+        log.close()
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"elbo": None, "kl": [None, 1.5, None], "nested": {"x": None}}
+
+
+def count_file_operations(monkeypatch, run: Path, keep_last: int, saves: int) -> int:
+    """File-system calls (stat, rename, unlink, open) made by ``saves`` saves into a run with ``keep_last``."""
+    calls = [0]
+    for name in ("stat", "lstat", "replace", "rename", "unlink", "open", "scandir", "listdir"):
+        real = getattr(os, name)
+
+        def counted(*args, _real=real, **kw):
+            calls[0] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(os, name, counted)
+    state = make_state(1)
+    with RunDir(run, keep_last=keep_last).open("new") as writer:
+        for _ in range(saves):
+            writer.save_checkpoint(state)
+    monkeypatch.undo()
+    return calls[0]
+
+
+def test_defect_13_a_huge_keep_last_costs_no_more_file_operations_than_two(tmp_path, monkeypatch):
+    small = count_file_operations(monkeypatch, tmp_path / "small", 2, saves=4)
+    huge = count_file_operations(monkeypatch, tmp_path / "huge", 1_000_000, saves=4)
+    # The huge chain keeps 4 files instead of 2, so its shifts rename a few more: a handful of calls per save more,
+    # not a million (today's rotation stats every possible name).
+    assert small < huge < small + 4 * 25, (small, huge)
+    assert len(CheckpointDir(tmp_path / "huge").existing()) == 4
+
+
+def test_defect_13_overwrite_refuses_a_config_json_that_is_not_a_runs_and_keeps_other_files(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"my": "settings"}')
+    for mode in ("new", "overwrite"):
+        with pytest.raises(ConfigError) as err:
+            RunDir(run).open(mode)
+        assert one_line(err) == (
+            f"{run / 'config.json'} is not a pyro_vae run config; pyro_vae will not replace it: move it away or "
+            "choose another --out"
+        )
+    assert (run / "config.json").read_text() == '{"my": "settings"}' and sorted(os.listdir(run)) == ["config.json"]
+    (run / "config.json").unlink()
+    # overwrite removes exactly the run's files: its chain, superseded files, sidecars, log and listed extras.
+    new_run(run, 1, 2)
+    with RunDir(run).open("resume", resume_from=run / "last.prev.pt") as writer:
+        writer.save_checkpoint(make_state(3))
+        writer.write_json("gaps.json", {})
+        writer.metrics().close()
+    (run / "notes.txt").write_text("mine")
+    (run / "figure.png").write_text("the user's own")
+    assert "last.superseded-2.pt" in os.listdir(run)
+    with RunDir(run).open("overwrite"):
+        assert sorted(os.listdir(run)) == [".lock", "figure.png", "notes.txt"]
+
+
+# ---------------------------------------------------------------------------------------- crafted checkpoints
+
+
+def crafted(field: str, value):
+    payload = {"format_version": 3, **make_state(1).to_payload()}
+    if value is KeyError:
+        del payload[field]
+    else:
+        payload[field] = value
+    return payload
+
+
+CRAFTED = {
+    "missing config": (crafted("config", KeyError), r"lacks the field\(s\) config"),
+    "config of wrong types": (crafted("config", {"model": {"hidden_dims": None}}), "field 'config' is not a valid"),
+    "image shape": (crafted("image_shape", [4, 4]), r"field 'image_shape' is \[4, 4\] \(16 values\) but input_dim"),
+    "image shape type": (crafted("image_shape", "28x28"), "field 'image_shape' is '28x28', not None or a list"),
+    "rng bytes": (crafted("rng", {"torch": torch.zeros(7, dtype=torch.uint8), "cuda": []}), "field 'rng' 'torch'"),
+    "rng type": (crafted("rng", {"torch": [1, 2], "cuda": []}), "must be a uint8 tensor of 5056 bytes"),
+    "progress": (crafted("progress", {"epoch": "0"}), "field 'progress' must be a dict with the keys"),
+    "losses": (crafted("losses", [1.0]), "field 'losses' must be a 1-d float64 tensor"),
+    "data": (crafted("data", {"name": "x"}), "field 'data' needs a str 'name'"),
+    "world size": (crafted("world_size", 0), "field 'world_size' is 0, not an int >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED), ids=list(CRAFTED))
+def test_crafted_payloads_are_one_line_errors_naming_the_file_and_field(tmp_path, case):
+    payload, message = CRAFTED[case]
+    with pytest.raises(CheckpointError, match=message) as err:
+        TrainingState.from_payload(payload, source="RUN/last.pt")
+    assert one_line(err).startswith("checkpoint RUN/last.pt")
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run / "last.pt", payload)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_run(run)
+    assert one_line(err).startswith(f"checkpoint {run / 'last.pt'}")
+
+
+def test_weights_of_another_architecture_are_one_line_errors(tmp_path):
+    wide = RunConfig(model=ModelConfig(latent_dim=3, hidden_dims=(8,)))
+    payload = make_state(1).to_payload()
+    payload["config"] = wide.to_dict()  # the config says L=3, the weights are for L=2
+    save_checkpoint(tmp_path / "last.pt", payload)
+    with pytest.raises(CheckpointError, match=r"weight '.*' has shape \(\d+, \d+\) but the model its config") as err:
+        load_run(tmp_path)
+    one_line(err)
+    payload = make_state(1).to_payload()
+    payload["model"] = {"encoder.weight": torch.zeros(2)}
+    save_checkpoint(tmp_path / "last.pt", payload)
+    with pytest.raises(CheckpointError, match=r"weights do not fit .*missing \[.*unexpected \['encoder.weight'\]"):
+        load_run(tmp_path)
+
+
+def test_a_version_2_checkpoint_is_read_with_its_run_id_unrecorded(tmp_path):
+    payload = make_state(3).to_payload()
+    for key in ("run_id", "world_size", "global_batch", "callbacks"):
+        del payload[key]
+    del payload["data"]["path"]
+    path = tmp_path / "last.pt"
+    torch.save({"format_version": 2, **payload}, path)
+    state = TrainingState.from_payload(load_checkpoint(path), source=str(path))
+    assert (state.run_id, state.world_size, state.global_batch, state.data.path) == ("", 1, 4, None)
+    assert state.progress == Progress(0, 0, 3) and state.callbacks == {}
+    with pytest.raises(CheckpointError, match="has format 1, which this pyro_vae cannot resume or load"):
+        TrainingState.from_payload({**payload, "format_version": 1}, source="old.pt")
+
+
+# ------------------------------------------------------------------------------------------------------- load_run
+
+
+def npz_run(tmp_path: Path, seed: int = 0) -> tuple[Path, DataConfig]:
+    """A run trained (nominally) on a small npz of 2x3 images; returns the run directory and its data config."""
+    images = np.random.default_rng(seed).random((20, 2, 3), dtype=np.float32)
+    np.savez(tmp_path / "images.npz", x=images)
+    data_config = DataConfig(dataset="npz", path=str(tmp_path / "images.npz"), binarize="dynamic")
+    config = CONFIG.replace(data={"dataset": "npz", "path": str(tmp_path / "images.npz")})
+    record = data_record(load_dataset(data_config), data_config)
+    run = tmp_path / "run"
+    with RunDir(run).open("new") as writer:
+        writer.write_config({"config": config.to_dict()})
+        writer.metrics().append({"epoch": 0, "test_elbo": -4.0})
+        writer.save_checkpoint(make_state(5, config=config, data=record))
+    return run, data_config
+
+
+def test_load_run_round_trip(tmp_path):
+    run, _ = npz_run(tmp_path)
+    saved = load_checkpoint(run / "last.pt")
+    loaded = load_run(run)
+    assert not loaded.vae.training and loaded.path == run and loaded.checkpoint == run / "last.pt"
+    for key, value in loaded.vae.state_dict().items():
+        assert torch.equal(value, saved["model"][key]), key
+    assert loaded.config == RunConfig.from_dict(saved["config"]) == read_run_config(run)
+    assert loaded.state.run_id == saved["run_id"] == json.loads((run / "config.json").read_text())["run_id"]
+    assert loaded.metrics == [{"epoch": 0, "test_elbo": -4.0}]
+    # A torn last line (a kill mid-append) is ignored; a damaged middle line is not.
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"epoch": 1, "te')
+    assert load_run(run).metrics == [{"epoch": 0, "test_elbo": -4.0}]
+    (run / "metrics.jsonl").write_bytes(b'{"epoch": 0, "te\n{"epoch": 1}\n')
+    with pytest.raises(CheckpointError, match="line 1 is not JSON"):
+        _ = load_run(run).metrics
+
+
+def test_run_data_is_found_from_anywhere_and_other_data_are_refused(tmp_path, monkeypatch):
+    run, data_config = npz_run(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the recorded path is absolute: found from another directory
+    loaded = load_run(run)
+    assert loaded.data().x_train.shape == (18, 6)
+    result = loaded.evaluate(ks=(1, 2), n=2, seed=0)
+    assert result.protocol[:4] == ("npz:images.npz", "test", "dynamic", 0) and result.protocol.num_images == 2
+    with pytest.raises(ConfigError, match=r"n must be an integer in \[1, 2\] \(the run's test images\), got 3"):
+        loaded.evaluate(ks=(1,), n=3)
+    recorded = loaded.state.data.sha256
+    np.savez(tmp_path / "images.npz", x=np.random.default_rng(1).random((20, 2, 3), dtype=np.float32))
+    with pytest.raises(DataError) as err:
+        loaded.data()
+    message = one_line(err)
+    fresh = data_record(load_dataset(data_config), data_config).sha256
+    assert f"the data read from {tmp_path / 'images.npz'} (fingerprint {fresh[:16]})" in message
+    assert f"({tmp_path / 'images.npz'}, fingerprint {recorded[:16]})" in message
+
+
+def test_read_run_config_and_load_run_say_plainly_when_there_is_no_run(tmp_path):
+    for call in (load_run, read_run_config):
+        with pytest.raises(ConfigError, match="is no run directory or checkpoint file"):
+            call(tmp_path / "nothing")
+        with pytest.raises(ConfigError, match="holds no checkpoint"):
+            call(tmp_path)

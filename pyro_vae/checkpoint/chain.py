@@ -202,9 +202,11 @@ class CheckpointDir:
         sidecar(self.last).unlink(missing_ok=True)
 
     def set_aside(self, keep: Path) -> list[Path]:
-        """Move the chain files newer than ``keep`` (all of them if ``keep`` is not in the chain) out of the chain, as ``last.superseded-<step>.pt`` (then
-        ``-<step>-2``, ``-<step>-3``, ...: never over an earlier one), so that resuming from an older checkpoint
-        loses nothing however often it is done. Returns the new paths."""
+        """Move the chain files newer than ``keep`` (all of them if ``keep`` is not in the chain) out of the chain.
+
+        They become ``last.superseded-<step>.pt`` (then ``-<step>-2``, ``-<step>-3``, ...: never over an earlier one),
+        so that resuming from an older checkpoint loses nothing however often it is done. Returns the new paths.
+        """
         chain = chain_of(keep)
         # A file outside the chain (best.pt, a superseded one): every file of the chain is set aside.
         index = chain[1] if chain is not None and chain[0] == "last" and keep.parent == self.run_dir else 1 << 62
