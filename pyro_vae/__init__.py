@@ -40,6 +40,10 @@ _EXPORTS = {
     "FitResult": "pyro_vae.train",
     "save_checkpoint": "pyro_vae.checkpoint",
     "load_checkpoint": "pyro_vae.checkpoint",
+    "TrainingState": "pyro_vae.checkpoint",
+    "RunDir": "pyro_vae.run_dir",
+    "Run": "pyro_vae.run_dir",
+    "load_run": "pyro_vae.run_dir",
 }
 _ALIASES = {"register_family": "register"}
 
@@ -56,9 +60,12 @@ __all__ = [
     "ModelConfig",
     "NonFiniteLossError",
     "PyroVAEError",
+    "Run",
     "RunConfig",
+    "RunDir",
     "SingleOptimizer",
     "TrainConfig",
+    "TrainingState",
     "VAE",
     "adamw",
     "evaluate",
@@ -68,6 +75,7 @@ __all__ = [
     "inference_gaps",
     "load_checkpoint",
     "load_dataset",
+    "load_run",
     "make_family",
     "make_likelihood",
     "make_objective",
@@ -91,7 +99,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real names
-    from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
+    from pyro_vae.checkpoint import TrainingState, load_checkpoint, save_checkpoint
     from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from pyro_vae.data import Dataset, load_dataset
     from pyro_vae.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PyroVAEError
@@ -104,5 +112,6 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real names
     from pyro_vae.model import VAE
     from pyro_vae.objectives import make_objective
     from pyro_vae.optim import SingleOptimizer, adamw
+    from pyro_vae.run_dir import Run, RunDir, load_run
     from pyro_vae.schedules import make_schedule
     from pyro_vae.train import FitResult, fit

@@ -428,3 +428,30 @@ def test_every_torch_load_in_the_package_passes_weights_only_true():
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "pickle":
                 assert node.attr not in ("load", "loads", "Unpickler"), f"{path.name}:{node.lineno} unpickles"
     assert found >= 1  # the check looks at real calls (load_checkpoint's)
+
+
+def test_rotation_closes_gaps_and_never_renames_onto_a_newer_file(tmp_path):
+    ckpts = CheckpointDir(tmp_path, keep_last=4)
+    for step in range(1, 4):
+        ckpts.save(step_payload(step))  # last = 3, prev = 2, prev2 = 1
+    (tmp_path / "last.pt").unlink()  # as after a resume from last.prev.pt moved it aside
+    (tmp_path / "last.pt.sha256").unlink()
+    ckpts.save(step_payload(4))
+    assert [p.name for p in ckpts.existing()] == ["last.pt", "last.prev.pt", "last.prev2.pt"]
+    assert [saved(p) for p in ckpts.existing()] == [4, 2, 1]
+
+
+def test_newest_passes_over_a_damaged_file_to_the_newest_that_verifies(tmp_path, monkeypatch):
+    import pyro_vae.checkpoint.chain as chain
+
+    monkeypatch.setattr(chain, "READ_RETRY_SECONDS", 0.05)  # a damaged file stays damaged: do not wait long
+    ckpts = CheckpointDir(tmp_path)
+    assert ckpts.newest() is None
+    ckpts.save(step_payload(1))
+    ckpts.save(step_payload(2))
+    (tmp_path / "last.pt").write_bytes(b"torn")
+    found = ckpts.newest()
+    assert found.path == tmp_path / "last.prev.pt" and found.payload["progress"]["step"] == 1
+    (tmp_path / "last.prev.pt").write_bytes(b"torn too")
+    with pytest.raises(CheckpointError, match=r"last\.pt \(4 bytes\) fails its checksum"):
+        ckpts.newest()

@@ -15,16 +15,21 @@ from pyro_vae.data.batches import (
     derive_seed,
 )
 from pyro_vae.data.datasets import Dataset, check_dataset, load_dataset, validate_images
+from pyro_vae.data.fingerprint import DataRecord, config_at, data_fingerprint, data_record
 from pyro_vae.data.idx import read_idx, write_idx
 
 __all__ = [
     "Batch",
+    "DataRecord",
     "Dataset",
     "EpochBatches",
     "binarize_eval",
     "check_batch_size",
     "check_dataset",
     "check_likelihood_data",
+    "config_at",
+    "data_fingerprint",
+    "data_record",
     "derive_seed",
     "load_dataset",
     "read_idx",
