@@ -21,6 +21,7 @@ LAYERS = {
     "guides": 1,
     "model": 2,
     "importance": 2,
+    "autoguide": 2,
     "objectives": 3,
     "evaluation": 3,
     "linear_gaussian": 3,
