@@ -11,9 +11,8 @@ encoder, so full-rank guides and flows capture correlations between sites::
 exactly as Pyro's :class:`~pyro.infer.autoguide.AutoContinuous` does for global latents. Global sites get a Pyro
 autoguide (``AutoNormal`` by default) on the model with the local sites blocked.
 
-**The scale.** The guide's plate takes the model's own plate arguments on every call (size N, the subsample): under
-a subsampled plate both programs scale their log-densities by the same N/B. A guide whose plate used the minibatch
-size instead would scale log q by 1 while the model scales log p by N/B, and the ELBO could exceed log p(x).
+**The scale.** The guide's plate takes the model's own plate arguments on every call (size N, the subsample), so
+both programs scale their log-densities by the same N/B; scaling log q by 1 instead breaks the ELBO's bound.
 
 **No auxiliary site.** The joint log q(u | x) is carried by the first local site and each site carries its own
 log-Jacobian, so every guide site has a model counterpart and the guide's log-densities sum to log q(z | x). This
@@ -24,8 +23,7 @@ derivative. When the layout is one unconstrained site whose event is the family'
 ``"z"``), that site is sampled from q itself: the guide is then ``VAE.guide``, sample for sample.
 
 Parameters belong to the guide (an ``nn.Module``), never to Pyro's global param store: a new guide trains afresh
-and ``state_dict`` saves it. The networks are built on the first call (or by :meth:`AmortizedGuide.setup`), when
-the model's structure is known.
+and ``state_dict`` saves it. The networks are built on the first call (or :meth:`AmortizedGuide.setup`).
 """
 
 from __future__ import annotations
@@ -53,23 +51,15 @@ from torch import nn
 
 from pyro_vae.config import ModelConfig
 from pyro_vae.errors import ConfigError, DataError, unknown_choice
-from pyro_vae.guides import GuideFamily, family_names, make_family, parse_spec
+from pyro_vae.guides import family_names, make_family, parse_spec
 from pyro_vae.networks import Encoder
 
-__all__ = ["AmortizedGuide", "Layout", "LocalSite", "PlateCall", "Prototype", "trace_layout"]
-
-EncoderInput = int | Callable[[tuple, dict], torch.Tensor]
+__all__ = ["AmortizedGuide", "Layout", "LocalSite", "PlateCall", "Prototype", "trace_prototype"]
 
 
 class LocalSite(NamedTuple):
-    """One local latent site, per data point.
-
-    :ivar name: the site's name.
-    :ivar shape: its value's shape for one data point (the event shape).
-    :ivar unconstrained_shape: ``biject_to(support).inv(value)``'s shape for one data point (a simplex of K
-        categories has K − 1 unconstrained numbers).
-    :ivar support: the site's support.
-    """
+    """One local latent site: its name, the shapes of its value and of ``biject_to(support).inv(value)`` for one
+    data point (a K-category simplex has K − 1 unconstrained numbers), and its support."""
 
     name: str
     shape: torch.Size
@@ -83,12 +73,8 @@ class LocalSite(NamedTuple):
 
 
 class Layout(NamedTuple):
-    """The model's latent structure as the guide sees it.
-
-    :ivar local: the local sites, in model order; u concatenates their unconstrained values.
-    :ivar global_names: the latent sites outside the plate.
-    :ivar plate_dim: the plate's dim.
-    """
+    """The model's latent sites as the guide sees them: the local ones in model order (u concatenates their
+    unconstrained values), the names of the global ones, and the data plate's dim."""
 
     local: tuple[LocalSite, ...]
     global_names: tuple[str, ...]
@@ -119,21 +105,16 @@ class Prototype(NamedTuple):
     global_values: dict[str, torch.Tensor]
 
 
-def trace_layout(model: Callable, plate: str, args: tuple = (), kwargs: dict | None = None) -> Layout:
+def trace_prototype(model: Callable, plate: str, args: tuple = (), kwargs: dict | None = None) -> Prototype:
     """Trace ``model`` once (blocked, on a private RNG stream) and sort its latent sites into local and global.
 
-    :param model: a Pyro model.
-    :param str plate: the name of its data plate.
+    :param str plate: the name of the model's data plate.
     :raises ConfigError: for discrete latent sites, no latent site under the plate, or a local site whose batch
         shape is not the plate's ``(B,)``.
     """
-    return _prototype(model, plate, args, kwargs or {}).layout
-
-
-def _prototype(model: Callable, plate: str, args: tuple, kwargs: dict) -> Prototype:
     with _private_rng():
-        hidden = poutine.block(model, hide_fn=prototype_hide_fn)
-        trace = poutine.block(poutine.trace(hidden).get_trace)(*args, **kwargs)
+        traced = poutine.trace(poutine.block(model, hide_fn=prototype_hide_fn))
+        trace = poutine.block(traced.get_trace)(*args, **(kwargs or {}))  # nothing reaches an enclosing trace
     sites = list(trace.iter_stochastic_nodes())
     discrete = [name for name, site in sites if site["fn"].support.is_discrete]
     if discrete:
@@ -168,7 +149,7 @@ def _prototype(model: Callable, plate: str, args: tuple, kwargs: dict) -> Protot
 
 
 class PlateCall(NamedTuple):
-    """The arguments the model gave its data plate in one call: full size N, minibatch size B, the subsample."""
+    """The model's data-plate arguments in one call: full size N, minibatch size B, the subsample (or None)."""
 
     size: int
     subsample_size: int
@@ -225,12 +206,9 @@ class _LocalValue(TorchDistribution):
 
     def __init__(self, value, event_dim, support, path, index, joint=None):
         self.v, self._support, self.path, self.index, self.joint = value, support, path, index, joint
-        split = value.dim() - event_dim
-        super().__init__(value.shape[:split], value.shape[split:], validate_args=False)
+        super().__init__(value.shape[: value.dim() - event_dim], value.shape[value.dim() - event_dim :], False)
 
-    @property
-    def support(self) -> constraints.Constraint:
-        return self._support
+    support = property(lambda self: self._support)
 
     def expand(self, batch_shape, _instance=None):
         if torch.Size(batch_shape) != self.batch_shape:
@@ -249,12 +227,8 @@ class _LocalValue(TorchDistribution):
         return log_p if self.joint is None else log_p + self.joint.log_prob(self.path.u)
 
 
-def _own_value(name: str, value: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return value
-
-
 # A param site whose value is the module's own tensor, as VAE announces its parameters (see pyro_vae.model).
-_announce_param = effectful(_own_value, type="param")
+_announce_param = effectful(lambda name, value, *args, **kwargs: value, type="param")
 
 
 def _plate_batch_shape(batch_shape: torch.Size) -> torch.Size:
@@ -276,17 +250,16 @@ class AmortizedGuide(nn.Module):
         guide = AmortizedGuide(model, plate="data", encoder_input=0, family="iaf:2", hidden_dims=(256, 128))
         svi = SVI(model, guide, pyro_vae.adamw(1e-3), Trace_ELBO())
 
-    Local sites may have any event shape and continuous support; they share one joint q(u | x) over their
-    unconstrained values (see the module docstring). The encoder is :class:`~pyro_vae.networks.Encoder` with input
-    width the flattened size of one data point and output width ``family.num_params(L)``.
+    Local sites may have any event shape and continuous support (see the module docstring). The encoder is
+    :class:`~pyro_vae.networks.Encoder`: one flattened data point in, ``family.num_params(L)`` raw numbers out.
 
     :param model: the Pyro model; the guide is called with the model's arguments.
     :param str plate: name of the model's data plate (default ``"data"``).
     :param encoder_input: index of the model's positional argument holding the per-data-point input ``(B, ...)``
         (default 0), or a callable ``(args, kwargs) -> tensor`` of shape ``(B, ...)``.
     :param family: a guide-family spec (``"mvn_diag"``, ``"full_rank"``, ``"iaf:2"``, …; see
-        :func:`pyro_vae.guides.family_names`) or a ready :class:`~pyro_vae.guides.GuideFamily` of dimension L.
-    :param dict family_options: the family's own options, when ``family`` is a spec.
+        :func:`pyro_vae.guides.family_names`); L is set by the model.
+    :param dict family_options: the family's own options (as ``VAE``'s ``guide_options``).
     :param hidden_dims: the encoder's hidden widths (default ``(256, 128)``: small models rarely need the seed VAE's
         four layers).
     :param str activation: the encoder's non-linearity (default ``"silu"``, the seed's).
@@ -298,8 +271,8 @@ class AmortizedGuide(nn.Module):
         self,
         model: Callable,
         plate: str = "data",
-        encoder_input: EncoderInput = 0,
-        family: str | GuideFamily = "mvn_diag",
+        encoder_input: int | Callable[[tuple, dict], torch.Tensor] = 0,
+        family: str = "mvn_diag",
         family_options: dict | None = None,
         hidden_dims: Sequence[int] = (256, 128),
         activation: str = "silu",
@@ -317,9 +290,7 @@ class AmortizedGuide(nn.Module):
         self._global_values: dict[str, torch.Tensor] = {}
         self._param_cache: list[tuple[str, torch.Tensor]] | None = None
 
-    @property
-    def model(self) -> Callable:
-        return self._model[0]
+    model = property(lambda self: self._model[0], doc="The model this guide serves.")
 
     def setup(self, *args, **kwargs) -> Layout:
         """Trace the model with these arguments and build the networks (the first call does it; call it yourself
@@ -327,7 +298,7 @@ class AmortizedGuide(nn.Module):
 
         :returns: the :class:`Layout` of the model's latent sites.
         """
-        prototype = _prototype(self.model, self.plate, args, kwargs)
+        prototype = trace_prototype(self.model, self.plate, args, kwargs)
         layout = prototype.layout
         if layout.global_names and self._global_guide_factory is None:
             raise ConfigError(
@@ -337,7 +308,7 @@ class AmortizedGuide(nn.Module):
         self._global_values = prototype.global_values
         call = _plate_call(self.model, self.plate, self._global_values, args, kwargs)
         x = self._input(args, kwargs, call.subsample_size)
-        family = self._make_family(layout)
+        family = make_family(self.family_spec, layout.latent_dim, **self.family_options)
         encoder = Encoder(x.shape[1], self.hidden_dims, family.num_params, self.activation)
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
         self.encoder, self.family = encoder.to(x.device, dtype), family.to(x.device, dtype)
@@ -352,17 +323,6 @@ class AmortizedGuide(nn.Module):
         self.layout = layout
         self._param_cache = None
         return layout
-
-    def _make_family(self, layout: Layout) -> GuideFamily:
-        if not isinstance(self.family_spec, GuideFamily):
-            return make_family(self.family_spec, layout.latent_dim, **self.family_options)
-        if self.family_spec.latent_dim != layout.latent_dim:
-            raise ConfigError(
-                f"the guide family has latent_dim={self.family_spec.latent_dim}, but the model's local sites "
-                f"{[s.name for s in layout.local]} have {layout.latent_dim} unconstrained numbers per data point; "
-                f"build it with latent_dim={layout.latent_dim}, or pass a family spec"
-            )
-        return self.family_spec
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """The guide: takes the model's arguments and returns ``{site name: value}`` for every latent site."""
@@ -437,14 +397,13 @@ class AmortizedGuide(nn.Module):
         x = x.reshape(batch, -1)
         if self.layout is not None and x.shape[1] != self.input_dim:
             raise DataError(
-                f"the encoder input has {x.shape[1]} numbers per data point, but the guide was set up with "
-                f"{self.input_dim}; build a new guide for inputs of another size"
+                f"the encoder input has {x.shape[1]} numbers per data point, not {self.input_dim} as at set-up"
             )
         return x
 
     def _check_layout(self, args: tuple, kwargs: dict) -> None:
         """With Pyro validation on: the local sites must keep the names and shapes the guide was set up with."""
-        new = _prototype(self.model, self.plate, args, kwargs).layout
+        new = trace_prototype(self.model, self.plate, args, kwargs).layout
         old_shapes = {site.name: tuple(site.shape) for site in self.layout.local}
         new_shapes = {site.name: tuple(site.shape) for site in new.local}
         if old_shapes != new_shapes:
@@ -475,25 +434,16 @@ class AmortizedGuide(nn.Module):
 
 def _check_options(model, plate, encoder_input, family, family_options, global_guide) -> None:
     """One line per bad option, before any tracing."""
-    if not callable(model):
-        raise ConfigError(f"model must be a Pyro model (a callable), got {type(model).__name__}")
-    if not isinstance(plate, str) or not plate:
-        raise ConfigError(f"plate must be the name of the model's data plate, got {plate!r}")
+    if not callable(model) or not isinstance(plate, str) or not plate:
+        raise ConfigError(f"pass a Pyro model (a callable) and plate= the name of its data plate, got {plate!r}")
     bad_index = isinstance(encoder_input, bool) or not isinstance(encoder_input, int) or encoder_input < 0
     if not callable(encoder_input) and bad_index:
-        raise ConfigError(
-            f"encoder_input must be the index of a model argument (an int >= 0) or a callable (args, kwargs) -> "
-            f"tensor, got {encoder_input!r}"
-        )
-    if isinstance(family, str):
-        base, _ = parse_spec(family)
-        if base not in family_names():
-            raise unknown_choice("guide family", base, family_names())
-    elif not isinstance(family, GuideFamily):
-        raise ConfigError(f"family must be a family spec such as 'full_rank' or a GuideFamily, got {family!r}")
-    elif family_options:
-        raise ConfigError("family_options apply to a family spec; a ready GuideFamily already has its options")
+        raise ConfigError(f"encoder_input must be a model argument's index or a callable, got {encoder_input!r}")
+    if not isinstance(family, str):  # L is known only once the model is traced, so a ready family cannot fit it
+        raise ConfigError(f"family must be a family spec such as 'full_rank' or 'iaf:2', got {family!r}")
+    if parse_spec(family)[0] not in family_names():
+        raise unknown_choice("guide family", parse_spec(family)[0], family_names())
     if family_options is not None and not isinstance(family_options, dict):
-        raise ConfigError(f"family_options must be a dict, got {type(family_options).__name__}")
+        raise ConfigError(f"family_options must be a dict of the family's options, got {family_options!r}")
     if global_guide is not None and not callable(global_guide):
         raise ConfigError(f"global_guide must be an AutoGuide class (e.g. AutoNormal) or None, got {global_guide!r}")

@@ -322,11 +322,11 @@ def test_refuses_local_sites_whose_shape_changes():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"encoder_input": "x"}, "encoder_input must be the index"),
+        ({"encoder_input": "x"}, "encoder_input must be a model argument"),
         ({"family": "ful_rank"}, "unknown guide family 'ful_rank'.*did you mean 'full_rank'"),
         ({"hidden_dims": ()}, "hidden_dims must name at least one"),
         ({"global_guide": "AutoNormal"}, "global_guide must be an AutoGuide class"),
-        ({"plate": ""}, "plate must be the name"),
+        ({"plate": ""}, "plate= the name of its data plate"),
     ],
 )
 def test_refuses_bad_options(options, message):
