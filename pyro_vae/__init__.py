@@ -27,6 +27,7 @@ _EXPORTS = {
     "register_family": "pyro_vae.guides",
     "make_likelihood": "pyro_vae.likelihoods",
     "VAE": "pyro_vae.model",
+    "AmortizedGuide": "pyro_vae.autoguide",
     "LinearGaussianVAE": "pyro_vae.linear_gaussian",
     "make_objective": "pyro_vae.objectives",
     "SingleOptimizer": "pyro_vae.optim",
@@ -48,6 +49,7 @@ _EXPORTS = {
 _ALIASES = {"register_family": "register"}
 
 __all__ = [
+    "AmortizedGuide",
     "CheckpointError",
     "ConfigError",
     "DataConfig",
@@ -99,6 +101,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real names
+    from pyro_vae.autoguide import AmortizedGuide
     from pyro_vae.checkpoint import TrainingState, load_checkpoint, save_checkpoint
     from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from pyro_vae.data import Dataset, load_dataset
