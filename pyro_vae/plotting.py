@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from pyro_vae.model import VAE, posterior_mean
 from pyro_vae.networks import eval_mode
+from pyro_vae.run_dir import RunDir
 
 __all__ = [
     "image_grid",
@@ -297,7 +298,6 @@ def save_run_figures(vae: VAE, data, result, out_dir: str | Path, n_points: int 
     :param result: the :class:`~pyro_vae.train.FitResult`.
     :returns: the paths written.
     """
-    out_dir = Path(out_dir)
     with eval_mode(vae):
         figures = {
             "reconstructions.png": reconstruction_grid(vae, data.x_test, data.image_shape),
@@ -307,9 +307,5 @@ def save_run_figures(vae: VAE, data, result, out_dir: str | Path, n_points: int 
                 vae, data.x_test[:n_points], None if data.y_test is None else data.y_test[:n_points]
             ),
         }
-    paths = []
-    for name, fig in figures.items():
-        path = out_dir / name
-        fig.savefig(path, dpi=100)
-        paths.append(path)
-    return paths
+    run = RunDir(out_dir)  # atomic writes: a full disk keeps the previous image, never a 0-byte one
+    return [run.write_figure(name, fig) for name, fig in figures.items()]

@@ -284,4 +284,4 @@ def test_cli_evaluate_prints_the_table_and_writes_json(tiny_run, capsys):
 
 def test_cli_evaluate_refuses_too_many_images(tiny_run, capsys):
     assert cli.main(["evaluate", str(tiny_run), "--n", "41"]) == 2
-    assert "exceeds the run's 40 test images" in capsys.readouterr().err
+    assert "n=41 exceeds the run's 40 test images" in capsys.readouterr().err

@@ -118,9 +118,13 @@ class CheckpointDir:
             first_error: CheckpointError | None = None
             for path in existing:
                 try:
-                    return Loaded(path, load_checkpoint(path, map_location))
+                    loaded = Loaded(path, load_checkpoint(path, map_location))
                 except CheckpointError as err:
                     first_error = first_error or err
+                    continue
+                if first_error is not None:
+                    logger.warning("using %s: a newer checkpoint was passed over (%s)", path, first_error)
+                return loaded
             if time.monotonic() > deadline:
                 raise first_error
             time.sleep(0.01)  # a rotation is in flight (or every file is damaged): look again

@@ -8,7 +8,6 @@ and ``load_run`` take over.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -20,22 +19,6 @@ from pyro_vae.config import RunConfig
 from pyro_vae.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-
-# run-dir: replaced by RunDir
-def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    if any(part == ".." for part in out.parts) or "\0" in str(out):
-        raise ConfigError(f"--out {str(out)!r} must not contain '..' or NUL")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
-    if (out / "config.json").exists() and not overwrite:
-        raise ConfigError(f"{out} already holds a run; pass --overwrite to replace it, or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create run directory {out}: {err.strerror}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ConfigError(f"run directory {out} is not writable; choose another --out")
 
 
 def _under_torchrun() -> bool:
@@ -50,42 +33,19 @@ def _torchrun_rank() -> int:
         return 0
 
 
-# run-dir: replaced by RunDir
-def _check_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a bad or occupied ``--out`` before anything is loaded; :func:`pyro_vae.train.fit` creates it, after the
-    data have been validated, so that a bad input leaves nothing behind."""
-    if any(part == ".." for part in out.parts) or "\0" in str(out):
-        raise ConfigError(f"--out {str(out)!r} must not contain '..' or NUL; give the run directory plainly")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory; choose another --out")
-    if out.is_dir() and not overwrite and ((out / "config.json").exists() or any(out.glob("last*.pt"))):
-        raise ConfigError(
-            f"{out} already holds a run; pass --resume {out} to continue it, --overwrite to replace it, "
-            "or choose another --out"
-        )
-
-
-# run-dir: replaced by RunDir (and read_run_config for the saved config)
-def _resume_target(args: argparse.Namespace) -> tuple[Path, Path, RunConfig]:
-    """``(run directory, checkpoint, saved config)`` for ``--resume DIR`` or ``--resume DIR/last.prev.pt``."""
-    from pyro_vae.checkpoint import CheckpointDir, load_checkpoint
+def _resume_target(args: argparse.Namespace) -> tuple[Path, Path | None, RunConfig]:
+    """``(run directory, checkpoint or None for the newest, saved config)`` for ``--resume DIR`` or
+    ``--resume DIR/last.prev.pt``; the directory is checked as :class:`~pyro_vae.run_dir.RunDir` will open it."""
+    from pyro_vae.run_dir import RunDir, read_run_config
 
     target = args.resume
     if args.overwrite:
         raise ConfigError("--resume continues a run and --overwrite replaces it; pass one of them")
-    if target.is_dir():
-        run_dir, checkpoint = target, CheckpointDir(target).latest()
-        if checkpoint is None:
-            raise ConfigError(
-                f"--resume {target}: the directory holds no checkpoint; start the run with --out {target} --overwrite"
-            )
-    elif target.is_file():
-        run_dir, checkpoint = target.parent, target
-    else:
-        raise ConfigError(f"--resume {target}: no such run directory or checkpoint file")
+    run_dir, checkpoint = (target.parent, target) if target.is_file() else (target, None)
     if args.out is not None and args.out.resolve() != run_dir.resolve():
         raise ConfigError(f"--resume continues the run in {run_dir}; leave out --out {args.out}")
-    return run_dir, checkpoint, RunConfig.from_dict(load_checkpoint(checkpoint)["config"])
+    RunDir(run_dir).check("resume", checkpoint)
+    return run_dir, checkpoint, read_run_config(run_dir)
 
 
 def _train_target(args: argparse.Namespace) -> tuple[Path, Path | None, RunConfig]:
@@ -109,7 +69,9 @@ def _train_target(args: argparse.Namespace) -> tuple[Path, Path | None, RunConfi
     else:
         out = args.out
     if _torchrun_rank() == 0:  # the other ranks would find rank 0's fresh files; only rank 0 writes anyway
-        _check_run_dir(out, args.overwrite)
+        from pyro_vae.run_dir import RunDir
+
+        RunDir(out).check("overwrite" if args.overwrite else "new")
     return out, None, config
 
 
@@ -144,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             data,
             config,
             out_dir=out,
-            resume=resume if resume is not None else False,
+            resume=(resume or True) if args.resume is not None else False,
             overwrite=args.overwrite,
             force_resume=args.force_resume,
         )
@@ -163,77 +125,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# run-dir: replaced by load_run
-def _load_run(run_dir: Path):
-    from pyro_vae.checkpoint import CheckpointDir, load_checkpoint
-    from pyro_vae.model import VAE
-
-    checkpoint = CheckpointDir(run_dir).latest() if run_dir.is_dir() else None
-    if checkpoint is None:
-        raise ConfigError(f"{run_dir} holds no checkpoint (last.pt); pass a directory written by 'pyro-vae train'")
-    payload = load_checkpoint(checkpoint)
-    config = RunConfig.from_dict(payload["config"])
-    vae = VAE.from_config(config.model, int(payload["input_dim"]))
-    vae.load_state_dict(payload["model"])
-    vae.eval()
-    return config, vae, payload
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    config, vae, _ = _load_run(args.run_dir)
     import torch
 
-    from pyro_vae.data import binarize_eval, load_dataset
-    from pyro_vae.evaluation import DataProtocol, evaluate
+    from pyro_vae.evaluation import evaluate
+    from pyro_vae.run_dir import RunDir, load_run
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    data = load_dataset(config.data)
-    x_test = binarize_eval(data.x_test, config.data.binarize, config.train.seed, config.data.threshold)
-    if args.n is not None:
-        if args.n > x_test.shape[0]:
-            available = x_test.shape[0]
-            raise ConfigError(f"--n {args.n} exceeds the run's {available} test images; use --n {available} or less")
-        x_test = x_test[: args.n]
-    drawn = config.data.binarize in ("dynamic", "static")  # only Bernoulli draws have a seed
-    protocol = DataProtocol(data.name, "test", config.data.binarize, config.train.seed if drawn else None)
-    result = evaluate(vae, x_test, args.k, protocol=protocol, chunk_size=args.chunk_size, seed=args.seed)
+    run = load_run(args.run_dir)
+    x_test = run.test_images(args.n)  # the run's own data: their fingerprint is checked
+    result = evaluate(run.vae, x_test, args.k, protocol=run.protocol(), chunk_size=args.chunk_size, seed=args.seed)
     record = result.to_json()
     print(result.table())
     if args.gaps:
         from pyro_vae.gaps import inference_gaps
 
         gaps = inference_gaps(
-            vae,
-            x_test[: args.gap_images],
-            k=max(args.k),
-            steps=args.gap_steps,
-            chunk_size=args.chunk_size,
+            run.vae, x_test[: args.gap_images], k=max(args.k), steps=args.gap_steps, chunk_size=args.chunk_size,
             seed=args.seed,
-        )
+        )  # fmt: skip
         record["gaps"] = gaps.to_json()
         print()
         print(gaps.table())
-    out = args.out or args.run_dir / "eval.json"
-    try:
-        out.write_text(json.dumps(record, indent=2) + "\n")
-    except OSError as err:
-        raise ConfigError(f"cannot write {out}: {err.strerror}; pass another --out") from None
+    out = args.out if args.out is not None else run.path / "eval.json"
+    RunDir(out.parent).write_json(out.name, record)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    _, vae, payload = _load_run(args.run_dir)
     from pyro_vae.plotting import sample_grid
+    from pyro_vae.run_dir import RunDir, load_run
 
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out must be a .png file, got {args.out}")
-    fig = sample_grid(vae, payload.get("image_shape"), n=args.n, seed=args.seed)
-    try:
-        fig.savefig(args.out, dpi=100)
-    except OSError as err:
-        raise ConfigError(f"cannot write {args.out}: {err.strerror}") from None
+    run = load_run(args.run_dir)
+    fig = sample_grid(run.vae, run.state.image_shape, n=args.n, seed=args.seed)
+    RunDir(args.out.parent).write_figure(args.out.name, fig)
     print(f"wrote {args.n} samples to {args.out}")
     return 0
 
@@ -241,20 +170,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     out = args.out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    _prepare_out_dir(out, args.overwrite)
-
     from pyro_vae.compare import compare
-    from pyro_vae.train import environment_info
 
     seeds = list(range(args.seeds))
-    (out / "config.json").write_text(
-        json.dumps(
-            {"config": config.to_dict(), "guides": args.guides, "seeds": seeds, "environment": environment_info()},
-            indent=2,
-            sort_keys=True,
-        )
-        + "\n"
-    )
     start = time.perf_counter()
     result = compare(
         args.guides,
@@ -264,12 +182,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         isolate=args.isolate,
         nll_k=args.nll_k or None,
         nll_images=args.nll_images,
+        overwrite=args.overwrite,
     )
     seconds = time.perf_counter() - start
     if not args.no_figures:
         from pyro_vae.plotting import comparison_figure
+        from pyro_vae.run_dir import RunDir
 
-        comparison_figure(result).savefig(out / "compare.png", dpi=100)
+        RunDir(out).write_figure("compare.png", comparison_figure(result))
     print(result.table())
     print(f"\n{result.protocol()}")
     print(f"\n{len(result.runs)} runs in {seconds:.0f} s; compare.md, compare.csv, runs.csv in {out}")

@@ -102,8 +102,10 @@ class RunDir:
     """
 
     def __init__(self, path: str | os.PathLike, *, keep_last: int = 2):
-        if "\0" in os.fspath(path):
-            raise ConfigError(f"run directory {os.fspath(path)!r} contains a NUL byte; choose another name")
+        if "\0" in os.fspath(path) or ".." in Path(os.fspath(path)).parts:
+            raise ConfigError(
+                f"run directory {os.fspath(path)!r} must not contain '..' or NUL; give the run directory plainly"
+            )
         self.path = Path(path)
         self.chain = CheckpointDir(self.path, keep_last=keep_last)
         self.run_id: str | None = None
@@ -139,11 +141,11 @@ class RunDir:
             raise ConfigError(f"run directory mode must be one of {', '.join(MODES)}, got {mode!r}")
         if resume_from is not None and mode != "resume":
             raise ConfigError(f"resume_from applies to mode 'resume' only, not {mode!r}")
-        source = self._check(mode, resume_from)
+        source = self.check(mode, resume_from)
         self._make_dirs()
         try:
             self._lock_fd, self._lock_made = acquire_lock(self.path)
-            self._check(mode, resume_from)  # again under the lock: another writer may have finished meanwhile
+            self.check(mode, resume_from)  # again under the lock: another writer may have finished meanwhile
             self._prepare(mode)
         except BaseException:
             self._discard()
@@ -152,7 +154,30 @@ class RunDir:
         self.run_id = _new_run_id() if mode != "resume" else _config_run_id(self.path)
         return self
 
-    def _check(self, mode: str, resume_from: str | os.PathLike | None) -> Path | None:
+    def reader(self, *, resuming: bool, resume_from: str | os.PathLike | None = None) -> RunDir:
+        """This run directory for the ranks of a torchrun job other than rank 0 (which holds the lock and writes):
+        no lock and every write refused; when ``resuming``, :meth:`resume_state` loads ``resume_from`` or the newest
+        good checkpoint, the one rank 0 resumes from."""
+        self.mode = "read" if resuming else "watch"
+        self._resume_from = None if resume_from is None else Path(resume_from)
+        return self
+
+    @property
+    def resuming(self) -> bool:
+        """Whether this run continues from a checkpoint (mode ``resume``, or a reader of one)."""
+        return self.mode in ("resume", "read")
+
+    @property
+    def source(self) -> Path | None:
+        """The checkpoint :meth:`resume_state` loaded, once it has."""
+        return self._source
+
+    def check(self, mode: str, resume_from: str | os.PathLike | None = None) -> Path | None:
+        """The checks :meth:`open` makes first, creating nothing: a command line calls it before loading any data.
+
+        :returns: the checkpoint to resume from, or ``None`` (the newest).
+        :raises ConfigError: one line, as :meth:`open`.
+        """
         path = self.path
         if path.exists() and not path.is_dir():
             raise ConfigError(f"run directory {path} exists and is not a directory; choose another --out")
@@ -160,6 +185,10 @@ class RunDir:
             if mode == "resume":
                 raise ConfigError(f"{path} holds no run to resume; start one with --out {path}")
             parent = next(p for p in path.absolute().parents if p.exists())
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"cannot create run directory {path}: {parent} is not a directory; choose another --out"
+                )
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise ConfigError(f"cannot create run directory {path}: {parent} is not writable; choose another --out")
             return None
@@ -371,12 +400,12 @@ class RunDir:
         """
         if self._state is not None:
             return self._state
-        if self.mode != "resume":
+        if self.mode not in ("resume", "read"):
             raise ConfigError(f"resume_state needs {self.path} opened with mode 'resume', not {self.mode!r}")
-        if self._resume_from is not None:
-            source, payload = self._resume_from, load_checkpoint(self._resume_from, map_location)
-        else:
-            source, payload = self.chain.newest(map_location)
+        # A writer resumes from exactly the newest checkpoint (the lock keeps the chain still): a damaged one is
+        # refused with a pointer to the previous good file, never passed over in silence as a reader may.
+        source = self._resume_from or self.chain.latest()
+        payload = load_checkpoint(source, map_location)
         state = TrainingState.from_payload(payload, source=str(source))
         self._adopt(state, source)
         self._state, self._source = state, source

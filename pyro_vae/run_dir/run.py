@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pyro_vae.checkpoint import CheckpointDir, Loaded, TrainingState, load_checkpoint
-from pyro_vae.config import DataConfig, RunConfig
+from pyro_vae.config import DataConfig, RunConfig, check_int
 from pyro_vae.data import Dataset, binarize_eval, load_dataset
 from pyro_vae.data.fingerprint import config_at, data_fingerprint, data_source
 from pyro_vae.errors import CheckpointError, ConfigError, DataError
@@ -141,6 +141,24 @@ class Run:
             )
         return data
 
+    def test_images(self, n: int | None = None) -> torch.Tensor:
+        """The run's test split, binarised as it was evaluated during training, on the model's device.
+
+        :param n: the first ``n`` images only (default: all).
+        """
+        data, dc = self.data(), self.config.data
+        x = binarize_eval(data.x_test, dc.binarize, self.config.train.seed, dc.threshold)
+        if n is not None:
+            check_int("n", n, low=1)
+            if n > x.shape[0]:
+                raise ConfigError(f"n={n} exceeds the run's {x.shape[0]} test images; use {x.shape[0]} or less")
+            x = x[:n]
+        return x.to(next(self.vae.parameters()).device)
+
+    def protocol(self) -> DataProtocol:
+        """The data protocol of the run's test split (data set, binarisation and its seed)."""
+        return DataProtocol.from_config(self.config.data, self.config.train.seed, dataset=self.state.data.name)
+
     def evaluate(self, ks: Sequence[int] = (1, 100, 1000), n: int | None = None, **kw) -> EvalResult:
         """:func:`pyro_vae.evaluation.evaluate` on the run's test split with its protocol (binarisation and seed).
 
@@ -148,16 +166,7 @@ class Run:
         :param n: evaluate the first ``n`` test images only (default: all).
         :param kw: passed on (``chunk_size``, ``seed``).
         """
-        data, dc, seed = self.data(), self.config.data, self.config.train.seed
-        x = binarize_eval(data.x_test, dc.binarize, seed, dc.threshold)
-        if n is not None:
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= x.shape[0]:
-                raise ConfigError(f"n must be an integer in [1, {x.shape[0]}] (the run's test images), got {n!r}")
-            x = x[:n]
-        drawn = dc.binarize in ("dynamic", "static")  # only Bernoulli draws have a seed
-        protocol = DataProtocol(data.name, "test", dc.binarize, seed if drawn else None)
-        device = next(self.vae.parameters()).device
-        return evaluate(self.vae, x.to(device), ks, protocol=protocol, **kw)
+        return evaluate(self.vae, self.test_images(n), ks, protocol=self.protocol(), **kw)
 
 
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
