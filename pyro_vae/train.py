@@ -1,8 +1,5 @@
-"""The training loop: :func:`fit` runs a :class:`TrainStep` over minibatches; callbacks do the rest.
-
-Per step, :class:`TrainStep` runs ``SVI.step(x, num_data=N, index=idx)``: Pyro traces the guide and the model inside
-``pyro.plate("data", size=N, subsample=idx)``, estimates the ELBO, back-propagates, and hands every parameter to the
-:class:`~pyro_vae.optim.SingleOptimizer`. Pyro's validation is on for the first step and off afterwards.
+"""The training loop: :func:`fit` runs a :class:`TrainStep` (``SVI.step`` inside ``pyro.plate("data", size=N,
+subsample=idx)``, Pyro validation on for the first step only) over minibatches; callbacks do the rest.
 
 What happens around the loop (progress bar, metrics log, TensorBoard, checkpoints, early stopping, signals) lives in
 :mod:`pyro_vae.callbacks`; the run directory (lock, layout, atomic files, checkpoint chain) in
@@ -15,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import platform
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,8 +33,8 @@ from pyro_vae.callbacks import (
     TensorBoardLog,
     TrainingInterrupted,
 )
-from pyro_vae.checkpoint import DataRecord, Progress, TrainingState
-from pyro_vae.config import RunConfig, resume_differences
+from pyro_vae.checkpoint import Progress, TrainingState, capture_rng, environment_info, restore_rng
+from pyro_vae.config import RunConfig
 from pyro_vae.data import (
     Dataset,
     EpochBatches,
@@ -46,21 +42,14 @@ from pyro_vae.data import (
     check_batch_size,
     check_dataset,
     check_likelihood_data,
-    data_fingerprint,
+    data_record,
 )
-from pyro_vae.distributed import (
-    barrier,
-    combine_mean_se,
-    ddp,
-    noise_seed,
-    resolve_device,
-    session,
-    sum_over_ranks,
-)
+from pyro_vae.distributed import combine_mean_se, ddp, noise_seed, resolve_device, session, sum_over_ranks
 from pyro_vae.errors import ConfigError, NonFiniteLossError
 from pyro_vae.evaluation import ELBOResult, evaluate_elbo
 from pyro_vae.model import VAE
 from pyro_vae.run_dir import RunDir
+from pyro_vae.run_dir.opening import open_run
 from pyro_vae.step import TrainStep
 
 logger = logging.getLogger(__name__)
@@ -100,23 +89,6 @@ class FitResult(NamedTuple):
     def test_elbo(self):
         """Test ELBO after the last epoch (a :class:`~pyro_vae.stats.MeanSE`), or ``None``."""
         return self.epochs[-1].test_elbo if self.epochs else None
-
-
-def environment_info() -> dict:
-    """Versions and thread count, recorded with every run."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        pkg_version = version("pyro_vae")
-    except PackageNotFoundError:
-        pkg_version = "unknown"
-    return {
-        "pyro_vae": pkg_version,
-        "pyro": pyro.__version__,
-        "torch": str(torch.__version__),  # a TorchVersion, which weights_only loads refuse
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-    }
 
 
 def fit(
@@ -162,7 +134,7 @@ def fit(
     _check_inputs(vae, data, config)
     with (
         session(config) as ctx,
-        _open_run(out_dir, resume, overwrite, force_resume, config.train.keep_last, ctx) as run,
+        open_run(out_dir, resume, overwrite, force_resume, config.train.keep_last, ctx) as run,
     ):
         loop = _Loop(vae, data, config, ctx, run, force_resume)
         with CallbackList(_callbacks(config, loop, list(callbacks))) as hooks:
@@ -205,7 +177,8 @@ class _Loop:
             torch.set_num_threads(tc.threads)  # process-wide, as torch has it; recorded in the resolved config
         # The resolved config records what "auto" and "default threads" meant, so that a resume can compare them.
         self.resolved = config.replace(train={"threads": torch.get_num_threads(), "device": self.device.type})
-        self.fingerprint = data_fingerprint(data)
+        self.data_record = data_record(data, config.data)  # name, sizes, fingerprint, absolute path
+        self.fingerprint = self.data_record.sha256
         self.resumed = run.resume_state() if run is not None and run.resuming else None
         if self.resumed is not None:
             self._check_resumable(force)
@@ -328,13 +301,13 @@ class _Loop:
             versions=environment_info(),
             input_dim=self.vae.input_dim,
             image_shape=list(data.image_shape) if data.image_shape else None,
-            data=DataRecord(data.name, self.n_train, int(self.x_test.shape[0]), self.fingerprint, _data_path(data)),
+            data=self.data_record,
             world_size=self.world_size,
             global_batch=tc.batch_size * self.world_size,
             model=self.vae.state_dict(),
             optimizer=step_state["optimizer"],
             schedules=step_state["schedules"],
-            rng=_rng_state(self.device),
+            rng=capture_rng(self.device),
             progress=self.position._replace(seconds=self._seconds()) if self.position.batch else self.position,
             losses=torch.tensor(self.losses, dtype=torch.float64),
             records=[r.to_state() for r in self.records],
@@ -357,19 +330,14 @@ class _Loop:
             "device": str(self.device),
             "world_size": self.world_size,
             "global_batch": self.config.train.batch_size * self.world_size,
-            "data": {"name": self.data.name, "n_train": self.n_train, "n_test": int(self.x_test.shape[0]),
-                     "sha256": self.fingerprint, "path": _data_path(self.data)},
+            "data": dict(self.data_record._asdict()),
             "resumed_from": None if self.resumed is None else {"step": self.resumed.progress.step},
         }  # fmt: skip
 
     # -- resume ----------------------------------------------------------------------------------------------------
     def _check_resumable(self, force: bool) -> None:
         state, source = self.resumed, self.run.source
-        differences = resume_differences(state.config, self.resolved.to_dict())
-        if state.world_size != self.world_size:
-            differences.append(f"world size (processes): {state.world_size} → {self.world_size}")
-        if state.data.sha256 != self.fingerprint:
-            differences.append(f"data fingerprint: {state.data.sha256[:12]}… → {self.fingerprint[:12]}…")
+        differences = state.differences(self.resolved.to_dict(), self.world_size, self.fingerprint)
         if differences and not force:
             raise ConfigError(
                 f"cannot resume {source}: these settings differ from the checkpoint's and would change the result: "
@@ -377,20 +345,14 @@ class _Loop:
             )
         if differences:
             logger.warning("resuming %s with changed settings (forced): %s", source, "; ".join(differences))
-        if state.input_dim != self.vae.input_dim or set(state.model) != set(self.vae.state_dict()):
-            raise ConfigError(
-                f"cannot resume {source}: its model ({state.input_dim} inputs, {len(state.model)} tensors) is not "
-                f"this one ({self.vae.input_dim} inputs, {len(self.vae.state_dict())} tensors); --force-resume "
-                "cannot change the architecture: start a new run with --out or --overwrite"
-            )
 
     def _restore(self, force: bool) -> None:
         state, tc = self.resumed, self.config.train
-        _load_model(self.vae, state, self.run.source)
+        state.load_weights(self.vae, source=self.run.source)
         self.train_step.load_state_dict(
             {"optimizer": state.optimizer, "schedules": state.schedules}, hyperparameters_from_config=force
         )
-        _set_rng_state(state.rng, self.device)
+        restore_rng(state.rng, self.device)
         self.position = state.progress
         self.losses = state.losses.tolist()
         self.records = [EpochRecord.from_state(r) for r in state.records]
@@ -438,39 +400,6 @@ class _Loop:
         return error
 
 
-@contextlib.contextmanager
-def _open_run(out_dir, resume, overwrite: bool, force: bool, keep_last: int, ctx) -> Iterator[RunDir | None]:
-    """The run directory of this process: rank 0 takes the lock and writes; the other ranks of a torchrun job only
-    read it, after rank 0 has prepared it (an overwrite removes files first)."""
-    if out_dir is None and resume in (False, None):
-        yield None
-        return
-    path, resume_from = _run_target(out_dir, resume)
-    mode = "resume" if resume not in (False, None) else ("overwrite" if overwrite else "new")
-    if resume not in (False, None) and overwrite:
-        raise ConfigError("resume and overwrite contradict each other: resume continues a run, overwrite replaces it")
-    run = RunDir(path, keep_last=keep_last)
-    if ctx is not None and not ctx.is_main:
-        barrier()
-        yield run.reader(resuming=mode == "resume", resume_from=resume_from)
-        return
-    with run.open(mode, resume_from=resume_from, force=force):
-        barrier()
-        yield run
-
-
-def _run_target(out_dir, resume) -> tuple[Path, Path | None]:
-    """``(run directory, checkpoint to resume from or None)`` from fit's ``out_dir`` and ``resume`` arguments."""
-    if resume in (False, None, True):
-        if out_dir is None:
-            raise ConfigError("resume=True needs out_dir, the run directory to continue")
-        return Path(out_dir), None
-    checkpoint = Path(resume)
-    if out_dir is not None and Path(out_dir).resolve() != checkpoint.parent.resolve():
-        raise ConfigError(f"checkpoint {checkpoint} is not in the run directory {out_dir}; resume in its own directory")
-    return checkpoint.parent, checkpoint
-
-
 def _check_inputs(vae: VAE, data: Dataset, config: RunConfig) -> None:
     """Everything about the data that can be refused before a run directory is touched."""
     check_dataset(data)
@@ -508,28 +437,3 @@ def _evaluate(vae: VAE, x_test: torch.Tensor, seed: int, ctx) -> ELBOResult:
         part = evaluate_elbo(vae, shard, seed=noise_seed(seed, ctx.rank))
     n = shard.shape[0]
     return ELBOResult(*(combine_mean_se(v, n) for v in (part.elbo, part.reconstruction, part.kl)), x_test.shape[0])
-
-
-def _data_path(data: Dataset) -> str | None:
-    source = getattr(data, "source", None)
-    return str(Path(source).resolve()) if source else None
-
-
-def _rng_state(device: torch.device) -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
-
-
-def _set_rng_state(rng: dict, device: torch.device) -> None:
-    torch.set_rng_state(rng["torch"])
-    if device.type == "cuda" and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    elif device.type == "cuda":
-        logger.warning("the checkpoint holds no CUDA RNG state for this machine's GPUs; the noise will differ")
-
-
-def _load_model(vae: VAE, state: TrainingState, source) -> None:
-    try:
-        vae.load_state_dict(state.model)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1].strip()
-        raise ConfigError(f"cannot load the model of {source} into this VAE ({first})") from None

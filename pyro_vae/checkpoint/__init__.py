@@ -23,7 +23,7 @@ from pyro_vae.checkpoint.files import (
     save_checkpoint,
     sha256_of,
 )
-from pyro_vae.checkpoint.state import Progress, TrainingState
+from pyro_vae.checkpoint.state import Progress, TrainingState, capture_rng, environment_info, restore_rng
 from pyro_vae.data.fingerprint import DataRecord
 
 __all__ = [
@@ -35,6 +35,9 @@ __all__ = [
     "Progress",
     "TrainingState",
     "atomic_write",
+    "capture_rng",
+    "environment_info",
+    "restore_rng",
     "atomic_write_bytes",
     "chain_names",
     "load_checkpoint",

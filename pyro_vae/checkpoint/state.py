@@ -17,12 +17,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import platform
 import re
 from typing import Any, NamedTuple
 
+import pyro
 import torch
 
-from pyro_vae.config import RunConfig
+from pyro_vae.config import RunConfig, resume_differences
 from pyro_vae.data.fingerprint import DataRecord
 from pyro_vae.errors import CheckpointError, ConfigError
 
@@ -233,6 +235,40 @@ class TrainingState:
         payload["metrics"] = {"offset": int(self.metrics_offset), "records": len(self.records)}
         return payload
 
+    def differences(self, config: dict, world_size: int, fingerprint: str) -> list[str]:
+        """What would change the result if this state were continued by a run with the resolved ``config``
+        (``RunConfig.to_dict()``), ``world_size`` processes and data ``fingerprint``: the determinism-relevant
+        config fields (:func:`~pyro_vae.config.resume_differences`), the world size and the data, as
+        ``["train.seed: 0 → 1", ...]``; empty when the run may resume."""
+        out = resume_differences(self.config, config)
+        if self.world_size != world_size:
+            out.append(f"world size (processes): {self.world_size} → {world_size}")
+        if self.data.sha256 != fingerprint:
+            out.append(f"data fingerprint: {self.data.sha256[:12]}… → {fingerprint[:12]}…")
+        return out
+
+    def load_weights(self, module: torch.nn.Module, *, source: object) -> None:
+        """Load :attr:`model` into ``module``, or say in one line why the weights do not fit it.
+
+        :raises CheckpointError: for missing, unexpected or differently shaped weights (another architecture, or a
+            damaged or crafted file), naming ``source``.
+        """
+        expected = module.state_dict()
+        missing, unexpected = sorted(set(expected) - set(self.model)), sorted(set(self.model) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint {source}: its weights do not fit this model (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}): another architecture, or a damaged file; start a new run with --out or --overwrite"
+            )
+        for key, value in expected.items():
+            if self.model[key].shape != value.shape:
+                raise CheckpointError(
+                    f"checkpoint {source}: weight {key!r} has shape {tuple(self.model[key].shape)} but this model "
+                    f"needs {tuple(value.shape)}: another architecture, or a damaged file; start a new run with --out "
+                    "or --overwrite"
+                )
+        module.load_state_dict(self.model)
+
     @classmethod
     def from_payload(cls, payload: dict, *, source: str) -> TrainingState:
         """Check a loaded payload field by field and build the state.
@@ -259,3 +295,34 @@ class TrainingState:
         fields["data"] = DataRecord(**{k: payload["data"].get(k) for k in DataRecord._fields})
         fields["progress"] = Progress(**payload["progress"])
         return cls(**fields, metrics_offset=payload["metrics"]["offset"])
+
+
+def environment_info() -> dict:
+    """Versions and thread count, recorded with every run."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg_version = version("pyro_vae")
+    except PackageNotFoundError:
+        pkg_version = "unknown"
+    return {
+        "pyro_vae": pkg_version,
+        "pyro": pyro.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion, which weights_only loads refuse
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def capture_rng(device: torch.device) -> dict:
+    """The torch RNG states a bit-exact resume restores (CPU, and every CUDA device's when training on CUDA)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
+
+
+def restore_rng(rng: dict, device: torch.device) -> None:
+    """Restore :func:`capture_rng`'s states; CUDA states only where this machine has the same number of GPUs."""
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    elif device.type == "cuda":
+        logger.warning("the checkpoint holds no CUDA RNG state for this machine's GPUs; the noise will differ")

@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import os
-import secrets
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,15 +31,25 @@ from typing import Any
 from pyro_vae.checkpoint import CheckpointDir, TrainingState, load_checkpoint, safe_name, save_checkpoint
 from pyro_vae.checkpoint.files import atomic_write, chain_of, serialise, sidecar
 from pyro_vae.errors import CheckpointError, ConfigError
-from pyro_vae.run_dir.files import LOCK, MetricsLog, acquire_lock, in_use, json_bytes, lock_holder, open_metrics
+from pyro_vae.run_dir.files import (
+    CONFIG_FORMAT,
+    LOCK,
+    MetricsLog,
+    acquire_lock,
+    config_run_id,
+    in_use,
+    is_run_config,
+    json_bytes,
+    lock_holder,
+    new_run_id,
+    open_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CONFIG_FORMAT", "MODES", "RUN_FILES", "RunDir", "is_run_config"]
 
 MODES = ("new", "resume", "overwrite")
-#: Marks a ``config.json`` as a pyro_vae run's (with ``run_id``); a file without it is never overwritten.
-CONFIG_FORMAT = "pyro_vae.run/1"
 #: Every file and directory a run writes (glob patterns); ``overwrite`` removes these and nothing else, plus the
 #: extra names that :meth:`RunDir.write_json` and friends listed in ``.run-files``.
 RUN_FILES = (
@@ -61,32 +68,6 @@ RUN_FILES = (
     ".run-files",
 )
 _MANIFEST = ".run-files"
-
-
-def is_run_config(path: Path) -> bool:
-    """Whether ``path`` is a pyro_vae run's ``config.json``: stamped with :data:`CONFIG_FORMAT`, or the layout that
-    runs wrote before run ids (``config`` with ``data``/``model``/``train`` sections, and ``environment``)."""
-    try:
-        record = json.loads(path.read_bytes()[: 1 << 20])
-    except (OSError, ValueError):
-        return False
-    if not isinstance(record, dict):
-        return False
-    legacy = isinstance(record.get("config"), dict) and {"data", "model", "train"} <= set(record["config"])
-    return record.get("format") == CONFIG_FORMAT or (legacy and "environment" in record)
-
-
-def _new_run_id() -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
-
-
-def _config_run_id(path: Path) -> str | None:
-    try:
-        record = json.loads((path / "config.json").read_bytes()[: 1 << 20])
-    except (OSError, ValueError):
-        return None
-    run_id = record.get("run_id") if isinstance(record, dict) else None
-    return run_id if isinstance(run_id, str) and run_id else None
 
 
 class RunDir:
@@ -151,7 +132,7 @@ class RunDir:
             self._discard()
             raise
         self.mode, self._force, self._resume_from = mode, force, source
-        self.run_id = _new_run_id() if mode != "resume" else _config_run_id(self.path)
+        self.run_id = new_run_id() if mode != "resume" else config_run_id(self.path)
         return self
 
     def reader(self, *, resuming: bool, resume_from: str | os.PathLike | None = None) -> RunDir:
@@ -422,7 +403,7 @@ class RunDir:
                 )
             logger.warning("adopting checkpoint %s of run %s into run %s (forced)", source, theirs, mine)
             self._adopted = True
-        self.run_id = mine or theirs or _new_run_id()
+        self.run_id = mine or theirs or new_run_id()
 
     def save_checkpoint(self, state: TrainingState) -> Path:
         """Write ``state`` (stamped with the run id) as the newest checkpoint of the chain.

@@ -14,6 +14,7 @@ import fcntl
 import json
 import math
 import os
+import secrets
 import stat
 import time
 from collections.abc import Sequence
@@ -27,6 +28,36 @@ LOCK = ".lock"
 #: How long a writer waits for a lock holder to write its pid before naming it "unknown".
 _PID_WAIT_SECONDS = 2.0
 _FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+#: Marks a ``config.json`` as a pyro_vae run's (with ``run_id``); a file without it is never overwritten.
+CONFIG_FORMAT = "pyro_vae.run/1"
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a pyro_vae run's ``config.json``: stamped with :data:`CONFIG_FORMAT`, or the layout that
+    runs wrote before run ids (``config`` with ``data``/``model``/``train`` sections, and ``environment``)."""
+    try:
+        record = json.loads(path.read_bytes()[: 1 << 20])
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict):
+        return False
+    legacy = isinstance(record.get("config"), dict) and {"data", "model", "train"} <= set(record["config"])
+    return record.get("format") == CONFIG_FORMAT or (legacy and "environment" in record)
+
+
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+
+
+def config_run_id(path: Path) -> str | None:
+    try:
+        record = json.loads((path / "config.json").read_bytes()[: 1 << 20])
+    except (OSError, ValueError):
+        return None
+    run_id = record.get("run_id") if isinstance(record, dict) else None
+    return run_id if isinstance(run_id, str) and run_id else None
 
 
 def finite_json(obj: Any) -> Any:

@@ -66,20 +66,7 @@ def _build(config: RunConfig, state: TrainingState, source: Path) -> VAE:
         vae = VAE.from_config(config.model, state.input_dim)
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {source} describes a model this pyro_vae cannot build: {err}") from None
-    expected = vae.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state.model)), sorted(set(state.model) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {source}: its weights do not fit the model its config describes (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}); it is damaged or crafted"
-        )
-    for key, value in expected.items():
-        if state.model[key].shape != value.shape:
-            raise CheckpointError(
-                f"checkpoint {source}: weight {key!r} has shape {tuple(state.model[key].shape)} but the model its "
-                f"config describes needs {tuple(value.shape)}; it is damaged or crafted"
-            )
-    vae.load_state_dict(state.model)
+    state.load_weights(vae, source=source)
     return vae
 
 
