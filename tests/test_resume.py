@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig, resume_differences
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import CheckpointError, ConfigError
 from pyro_vae.model import VAE
-from pyro_vae.train import Callback, fit, resume_differences
+from pyro_vae.train import Callback, fit
 
 SMALL = ModelConfig(latent_dim=2, hidden_dims=(32, 16))
 N_TRAIN, N_TEST, BATCH, EPOCHS = 256, 64, 64, 3  # 4 batches per epoch, 12 steps
