@@ -262,6 +262,7 @@ TAGS = {
     "test/elbo": "test_elbo",
     "test/reconstruction": "test_reconstruction",
     "test/kl": "test_kl",
+    "train/kl_weight": "kl_weight",
     "train/grad_norm": "grad_norm",
     "train/lr": "lr",
 }
@@ -285,7 +286,7 @@ def assert_scalars_match_the_metrics(out, losses):
 
 
 def test_tensorboard_scalars_equal_the_metrics_log(data, tmp_path):
-    cfg, out = config(tensorboard=True), tmp_path / "run"
+    cfg, out = config(tensorboard=True, kl_schedule="linear:10"), tmp_path / "run"  # a KL weight to log
     result = fit(new_vae(cfg, data), data, cfg, out_dir=out)
     assert [s for s, _ in scalars(out)["test/elbo"]] == [4, 8, 12]
     assert_scalars_match_the_metrics(out, result.losses)
@@ -294,7 +295,7 @@ def test_tensorboard_scalars_equal_the_metrics_log(data, tmp_path):
 def test_tensorboard_after_a_crash_and_resume_has_each_step_once(data, tmp_path):
     """The crashed run wrote epoch 2's minibatch point (step 10) after its last checkpoint (step 8); the resumed
     run's purge_step drops it, so every tag holds each step once, with the resumed run's values."""
-    cfg, out = config(tensorboard=True), tmp_path / "run"
+    cfg, out = config(tensorboard=True, kl_schedule="linear:10"), tmp_path / "run"
     with pytest.raises(Crash):
         fit(new_vae(cfg, data), data, cfg, out_dir=out, callbacks=[CrashAt(step=11)])
     result = fit(new_vae(cfg, data), data, cfg, out_dir=out, resume=True)
@@ -338,7 +339,7 @@ def test_cli_tensorboard_flag_writes_the_scalars(tmp_path):
         [sys.executable, "-m", "pyro_vae", *CLI, "--out", str(out)], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
-    assert set(TAGS) <= set(scalars(out))
+    assert set(TAGS) - {"train/kl_weight"} <= set(scalars(out))  # no KL schedule, no KL weight
     assert [s for s, _ in scalars(out)["test/elbo"]] == [N_BATCHES]
 
 
