@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
+from pyro_vae.config import check_float, check_int
 from pyro_vae.distributed import any_rank
 from pyro_vae.errors import ConfigError, PyroVAEError
 from pyro_vae.stats import MeanSE
@@ -81,19 +82,13 @@ class EpochRecord(NamedTuple):
     lr: float | None = None
 
     def to_json(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "step": self.step,
-            "train_elbo": self.train_elbo,
-            "test_elbo": self.test_elbo.mean,
-            "test_elbo_se": self.test_elbo.se,
-            "test_reconstruction": self.test_reconstruction.mean,
-            "test_kl": self.test_kl.mean,
-            "seconds": self.seconds,
-            "grad_norm": self.grad_norm,
-            "kl_weight": self.kl_weight,
-            "lr": self.lr,
-        }
+        """One line of ``metrics.jsonl``: the fields, each statistic as its mean, plus ``test_elbo_se``."""
+        line = {}
+        for key, value in self._asdict().items():
+            line[key] = value.mean if isinstance(value, MeanSE) else value
+            if key == "test_elbo":
+                line["test_elbo_se"] = value.se
+        return line
 
     def to_state(self) -> dict:
         """Plain values for a checkpoint (:meth:`from_state` inverts it)."""
@@ -167,21 +162,23 @@ class CallbackList:
 
     def __init__(self, callbacks):
         self.callbacks = list(callbacks)
-        self._hooks = {name: [h for cb in self.callbacks if (h := getattr(cb, name, None))] for name in HOOKS}
+        self._hooks = {
+            name: [h for cb in self.callbacks if (h := getattr(cb, name, None))] for name in (*HOOKS, "close")
+        }
 
     def __enter__(self) -> CallbackList:
         return self
 
     def __exit__(self, *exc) -> None:
         errors = []
-        for cb in reversed(self.callbacks):
-            close = getattr(cb, "close", None)
-            if close is None:
-                continue
+        for close in reversed(self._hooks["close"]):
             try:
                 close()
             except Exception as err:  # noqa: BLE001 - every callback gets closed; the first failure is re-raised
                 errors.append(err)
+        # One exception propagates (the one in flight, else the first close error); the rest are logged, not lost.
+        for err in errors if exc[0] is not None else errors[1:]:
+            logger.error("a callback's close() failed: %s: %s", type(err).__name__, err, exc_info=err)
         if errors and exc[0] is None:
             raise errors[0]
 
@@ -233,9 +230,7 @@ class MetricsLog(Callback):
     offset first, so that the epochs trained again are not recorded twice."""
 
     def __init__(self, run):
-        self.run = run
-        self.log = None
-        self.loop = None
+        self.run, self.log, self.loop = run, None, None
 
     def on_fit_start(self, loop) -> None:
         self.loop = loop
@@ -273,18 +268,23 @@ class TensorBoardLog(Callback):
                 "--tensorboard needs the tensorboard package, which is not installed; "
                 'install it with: pip install "pyro_vae[tensorboard]"'
             ) from None
-        self._writer_class = SummaryWriter
-        self.run = run
-        self.writer = None
+        self._writer_class, self.run = SummaryWriter, run
+        self.writer, self._purge = None, None  # _purge: set by on_fit_start
 
     def on_fit_start(self, loop) -> None:
         # purge_step drops events a crashed run wrote after the checkpoint being resumed, as the metrics log does.
-        purge = loop.step + 1 if loop.resumed is not None else None
-        self.writer = self._writer_class(log_dir=str(self.run.path / "tensorboard"), purge_step=purge)
+        self._purge = loop.step + 1 if loop.resumed is not None else None
+
+    def _write(self, tag: str, value: float, step: int) -> None:
+        # The writer (and RUN/tensorboard/) is made at the first scalar, which comes after the Checkpointer's first
+        # checkpoint: a run that fails before it must leave nothing behind, and RunDir removes only its own files.
+        if self.writer is None:
+            self.writer = self._writer_class(log_dir=str(self.run.path / "tensorboard"), purge_step=self._purge)
+        self.writer.add_scalar(tag, value, step)
 
     def on_step_end(self, state: StepState) -> None:
         if state.step % self.EVERY == 0 and math.isfinite(state.loss):
-            self.writer.add_scalar("train/minibatch_elbo", -state.loss, state.step)
+            self._write("train/minibatch_elbo", -state.loss, state.step)
 
     def on_epoch_end(self, record: EpochRecord) -> None:
         scalars = {
@@ -298,8 +298,9 @@ class TensorBoardLog(Callback):
         }
         for tag, value in scalars.items():
             if value is not None and math.isfinite(value):
-                self.writer.add_scalar(tag, value, record.step)
-        self.writer.flush()
+                self._write(tag, value, record.step)
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -319,12 +320,10 @@ class EarlyStopping(Callback):
     name = "early_stopping"
 
     def __init__(self, patience: int, min_delta: float = 0.0):
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ConfigError(f"early-stopping patience must be an integer >= 1, got {patience!r}")
-        self.patience, self.min_delta = patience, float(min_delta)
+        self.patience = check_int("early-stopping patience", patience, low=1)
+        self.min_delta = float(check_float("early-stopping min_delta", min_delta, low=0.0))
         self.best, self.best_epoch, self.waited = -math.inf, None, 0
-        self.improved = False
-        self.loop = None
+        self.improved, self.loop = False, None
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch, "waited": self.waited}
@@ -335,19 +334,27 @@ class EarlyStopping(Callback):
         saved = loop.resumed.callbacks.get(self.name) if loop.resumed is not None else None
         if saved:
             self.best, self.best_epoch, self.waited = float(saved["best"]), saved["best_epoch"], int(saved["waited"])
+        if self.waited >= self.patience:  # the resumed run had stopped early (or the patience was lowered)
+            self._stop()
 
     def on_epoch_end(self, record: EpochRecord) -> None:
+        # A partial epoch's record (a max_steps stop mid-epoch; its epoch is recorded again when a resume completes
+        # it) is no epoch of patience: counting it would make an interrupted run stop earlier than an uninterrupted.
+        partial = self.loop.position.batch > 0
         value = record.test_elbo.mean
-        self.improved = value > self.best + self.min_delta
+        self.improved = not partial and value > self.best + self.min_delta
         if self.improved:
             self.best, self.best_epoch, self.waited = value, record.epoch, 0
-            return
-        self.waited += 1
-        if self.waited >= self.patience:
-            self.loop.request_stop(
-                f"early stopping: the test ELBO did not improve by more than {self.min_delta:g} nats for "
-                f"{self.waited} epochs (best {self.best:.4f} after epoch {self.best_epoch})"
-            )
+        elif not partial:
+            self.waited += 1
+            if self.waited >= self.patience:
+                self._stop()
+
+    def _stop(self) -> None:
+        self.loop.request_stop(
+            f"early stopping: the test ELBO did not improve by more than {self.min_delta:g} nats for "
+            f"{self.waited} epochs (best {self.best:.4f} after epoch {self.best_epoch})"
+        )
 
 
 class Checkpointer(Callback):
