@@ -131,7 +131,7 @@ def fit(
     :returns: a :class:`FitResult`; after a resume its losses and epochs cover the whole run.
     """
     config = _consistent_config(vae, config)
-    _check_inputs(vae, data, config)
+    _check_inputs(vae, data, config, callbacks)
     with (
         session(config) as ctx,
         open_run(out_dir, resume, overwrite, force_resume, config.train.keep_last, ctx) as run,
@@ -153,7 +153,11 @@ def fit(
 def _callbacks(config: RunConfig, loop: _Loop, extra: list) -> list:
     """Readers first, then the user's callbacks, then what writes the step's or epoch's checkpoint, then signals."""
     tc = config.train
-    early = EarlyStopping(tc.early_stop, tc.early_stop_min_delta) if tc.early_stop is not None else None
+    given = [cb for cb in extra if isinstance(cb, EarlyStopping)]
+    extra = [cb for cb in extra if not isinstance(cb, EarlyStopping)]
+    early = given[0] if given else None
+    if tc.early_stop is not None and not given:
+        early = EarlyStopping(tc.early_stop, tc.early_stop_min_delta)
     writer = loop.run is not None and loop.is_main
     out = [cb for cb in (early, ProgressBar(tc.progress)) if cb is not None]
     if writer:
@@ -400,9 +404,11 @@ class _Loop:
         return error
 
 
-def _check_inputs(vae: VAE, data: Dataset, config: RunConfig) -> None:
+def _check_inputs(vae: VAE, data: Dataset, config: RunConfig, callbacks: Sequence) -> None:
     """Everything about the data that can be refused before a run directory is touched."""
     check_dataset(data)
+    if sum(isinstance(cb, EarlyStopping) for cb in callbacks) + (config.train.early_stop is not None) > 1:
+        raise ConfigError("early stopping is given twice; set train.early_stop or pass one EarlyStopping callback")
     if data.input_dim != vae.input_dim:
         raise ConfigError(f"the data have {data.input_dim} values per image but the VAE expects {vae.input_dim}")
     check_batch_size(data.x_train.shape[0], config.train.batch_size)

@@ -324,7 +324,7 @@ def test_refuses_local_sites_whose_shape_changes():
     [
         ({"encoder_input": "x"}, "encoder_input must be a model argument"),
         ({"family": "ful_rank"}, "unknown guide family 'ful_rank'.*did you mean 'full_rank'"),
-        ({"hidden_dims": ()}, "hidden_dims must name at least one"),
+        ({"hidden_dims": ()}, "hidden_dims must be a non-empty list of integers"),
         ({"global_guide": "AutoNormal"}, "global_guide must be an AutoGuide class"),
         ({"plate": ""}, "plate= the name of its data plate"),
     ],
