@@ -26,13 +26,15 @@ TINY = [
     "--threads", "1", "--device", "cpu", "--no-progress", "--no-figures",
 ]  # fmt: skip
 STEPS_PER_EPOCH = 4
-#: Steps of one racing run: about 5 s of training on an idle core (measured: 400 steps in 9.8 s under load). The
-#: loser meets the lock during that window, whichever of its checks (before or after loading the data) gets there.
-RACE_STEPS = 200
+#: Steps of one racing run: about 3 s of training (measured: 400 steps in 9.8 s on a loaded machine), after a start
+#: of about 3 s that both processes share. The loser meets the lock during that window, whichever of its checks
+#: (the command line's, before the data are loaded, or RunDir.open's, after) gets there first.
+RACE_STEPS = 120
 #: Seconds any one process may take before the test kills it and fails.
 TIMEOUT = 300
 #: The files of a finished run with --no-figures and the default keep_last=2 (``.lock`` is the writer's lock file).
-RUN_FILES = {".lock", "config.json", "metrics.jsonl", "last.pt", "last.pt.sha256", "last.prev.pt", "last.prev.pt.sha256"}
+CHECKPOINTS = ("last.pt", "last.pt.sha256", "last.prev.pt", "last.prev.pt.sha256")
+RUN_FILES = {".lock", "config.json", "metrics.jsonl", *CHECKPOINTS}
 
 
 # -------------------------------------------------------------------------------------- defect 1: two writers
@@ -53,7 +55,7 @@ def _race(*argvs: list[str]) -> list[tuple[int, int, str, str]]:
     ]
     try:
         outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
-        return [(p.pid, p.returncode, *output) for p, output in zip(procs, outputs)]
+        return [(p.pid, p.returncode, *output) for p, output in zip(procs, outputs, strict=True)]
     finally:
         for p in procs:
             if p.poll() is None:
