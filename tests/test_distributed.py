@@ -283,6 +283,7 @@ def test_two_process_run_writes_exactly_one_set_of_files(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
         [
+            ".lock",  # the writer's lock file (RunDir); it stays, unlocked
             "config.json",
             "metrics.jsonl",
             "last.pt",
@@ -367,3 +368,69 @@ def test_bad_world_size_through_the_cli_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     (error,) = [line for line in proc.stderr.splitlines() if "error" in line]
     assert "WORLD_SIZE='two' is not an integer" in error and "Traceback" not in proc.stderr
+
+
+def _cli(*args):
+    """``pyro-vae train ARGS`` as one process (no torchrun)."""
+    cmd = [sys.executable, "-m", "pyro_vae", "train", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _files(run) -> dict:
+    """Every file of a run directory and its bytes, but ``.lock``, where each writer that takes the lock writes its
+    pid, a refused one included."""
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.name != ".lock"}
+
+
+def _error_line(log: str) -> str:
+    (line,) = {line for line in log.splitlines() if line.startswith("pyro-vae:")}  # once per rank under torchrun
+    return line
+
+
+@pytest.mark.slow
+def test_defect_3_world_size_is_recorded_and_a_resume_under_another_is_refused(tmp_path):
+    """Issue 11, defect 3: a 2-process run resumed with one process went on with half the global batch. The world
+    size and the global batch are recorded in config.json and in the checkpoint; 2 → 1 and 1 → 2 are refused with
+    one line naming both sizes and write nothing; --force-resume continues (under the new world size)."""
+    import json
+
+    from pyro_vae.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    proc = torchrun("--out", out, "--epochs", "2", "--device", "cpu", "--no-figures", *TINY_RUN)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    # 256 images, local batch 32 on each of 2 ranks: a global batch of 64, 4 steps per epoch
+    config = json.loads((out / "config.json").read_text())
+    assert (config["world_size"], config["global_batch"]) == (2, 64)
+    state = load_checkpoint(out / "last.pt")
+    assert (state["world_size"], state["global_batch"], state["progress"]["step"]) == (2, 64, 8)
+
+    before = _files(out)
+    refused = _cli("--resume", out, "--epochs", "3", "--no-figures")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr
+    line = _error_line(refused.stderr)
+    assert line.startswith(f"pyro-vae: error: cannot resume {out / 'last.pt'}: "), line
+    assert "world size (processes): 2 → 1;" in line and line.endswith("pass --force-resume to continue anyway")
+    assert _files(out) == before
+
+    forced = _cli("--resume", out, "--epochs", "3", "--no-figures", "--force-resume")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "world size (processes): 2 → 1" in forced.stderr  # the forced resume says what it overrode
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # epoch 2 ran on one process: 8 local steps of 32, the whole epoch, after the 2 × 4 steps of the first run
+    assert [(r["epoch"], r["step"]) for r in records] == [(0, 4), (1, 8), (2, 16)]
+    state = load_checkpoint(out / "last.pt")
+    assert (state["world_size"], state["global_batch"], state["progress"]["step"]) == (1, 32, 16)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["world_size"], config["global_batch"], config["resumed_from"]) == (1, 32, {"step": 8})
+
+    before = _files(out)
+    proc = torchrun("--resume", out, "--epochs", "4", "--no-figures")
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "exitcode  : 2" in log  # a worker's own refusal (torchrun reports it, with its own traceback)
+    line = _error_line(log)
+    assert "world size (processes): 1 → 2;" in line, line
+    assert _files(out) == before
