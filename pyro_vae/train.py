@@ -266,7 +266,15 @@ class _Loop:
 
     def end_epoch(self, epoch: int) -> EpochRecord:
         seconds = self._seconds()
-        result = _evaluate(self.vae, self.x_test, self.config.train.seed, self.ctx)
+        with pyro.validation_enabled(False):  # non-finite weights are the guard's to report, not a ValueError's
+            result = _evaluate(self.vae, self.x_test, self.config.train.seed, self.ctx)
+        if not math.isfinite(result.elbo.mean):
+            latest = self.run.latest() if self.run is not None else None
+            raise NonFiniteLossError(
+                f"the test ELBO after epoch {epoch} is {result.elbo.mean} ({self.train_step.skipped} batches were "
+                f"skipped for non-finite values); last good checkpoint: {latest}; lower the learning rate or set "
+                "clip_norm"
+            )
         epoch_start = self.step - self.position.batch
         finite = [v for v in self.losses[epoch_start : self.step] if math.isfinite(v)]
         total, count = sum_over_ranks(math.fsum(finite), len(finite))  # every rank's steps under torchrun

@@ -177,12 +177,6 @@ def test_defect_2_lr_1e30_with_skip_stops_in_one_line_when_max_skips_is_spent(tm
 
 
 @EXPECTED_NAN_WARNING
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="issue 11 defect 2 is open at the epoch's end: the skipped run's test evaluation meets the non-finite "
-    "weights under Pyro's validation and raises a ValueError traceback (train.py _evaluate); see the report",
-)
 def test_defect_2_lr_1e30_with_skip_completes_or_stops_in_one_line_never_a_traceback(tmp_path, capsys, caplog):
     """Steps 2 to 4 are skipped (3 of max_skips=10): the run may end with the skips logged, or be stopped by its
     epoch's evaluation in one line; a traceback is neither."""
