@@ -353,9 +353,6 @@ class AmortizedGuide(nn.Module):
         """q(u | x) for the encoder input ``x`` of shape ``(B, ...)``: batch_shape ``(B,)``, event_shape ``(L,)``, over
         the unconstrained local values u laid out as :attr:`layout` says."""
         x = x.reshape(x.shape[0], -1).to(self.dtype)  # (B, D)
-        if self.family.uses_context:
-            raw, features = self.encoder(x, with_features=True)  # (B, num_params), (B, H)
-            return self.family(raw, context=features)
         return self.family(self.encoder(x))  # the family checks the width
 
     def _sample_local(self, q: dist.TorchDistribution) -> dict[str, torch.Tensor]:
