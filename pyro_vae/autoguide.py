@@ -49,7 +49,7 @@ from pyro.poutine.runtime import NonlocalExit, effectful, get_plates
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from pyro_vae.config import ModelConfig
+from pyro_vae.config import ModelConfig, check_int
 from pyro_vae.errors import ConfigError, DataError, unknown_choice
 from pyro_vae.guides import family_names, make_family, parse_spec
 from pyro_vae.networks import Encoder
@@ -433,9 +433,8 @@ def _check_options(model, plate, encoder_input, family, family_options, global_g
     """One line per bad option, before any tracing."""
     if not callable(model) or not isinstance(plate, str) or not plate:
         raise ConfigError(f"pass a Pyro model (a callable) and plate= the name of its data plate, got {plate!r}")
-    bad_index = isinstance(encoder_input, bool) or not isinstance(encoder_input, int) or encoder_input < 0
-    if not callable(encoder_input) and bad_index:
-        raise ConfigError(f"encoder_input must be a model argument's index or a callable, got {encoder_input!r}")
+    if not callable(encoder_input):
+        check_int("encoder_input (a model argument's index, or else a callable)", encoder_input, low=0)
     if not isinstance(family, str):  # L is known only once the model is traced, so a ready family cannot fit it
         raise ConfigError(f"family must be a family spec such as 'full_rank' or 'iaf:2', got {family!r}")
     if parse_spec(family)[0] not in family_names():

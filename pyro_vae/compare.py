@@ -57,7 +57,7 @@ from pyro.infer import SVI
 from pyro_vae._memory import PeakRSS
 from pyro_vae.checkpoint import atomic_write_bytes
 from pyro_vae.compare_report import REFERENCE_GUIDE, CompareResult, CompareRow, SeedRun, summarise
-from pyro_vae.config import ModelConfig, RunConfig
+from pyro_vae.config import SEED_MAX, ModelConfig, RunConfig, check_int
 from pyro_vae.data import Dataset, binarize_eval, check_batch_size, check_likelihood_data, derive_seed, load_dataset
 from pyro_vae.errors import ConfigError, NonFiniteLossError
 from pyro_vae.evaluation import DataProtocol, evaluate, evaluate_elbo
@@ -192,14 +192,14 @@ def _check_guides(guides: Sequence[str], latent_dim: int) -> list[str]:
 
 def _check_counts(seeds, nll_k, nll_images) -> list[int]:
     seeds = list(seeds)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ConfigError(f"seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if not seeds:
+        raise ConfigError("seeds must be a non-empty list of integers >= 0, got []")
+    for seed in seeds:
+        check_int("every seed", seed, low=0, high=SEED_MAX, why="numpy seeds are 32-bit")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds must be distinct, got {seeds!r}")
-    if nll_k is not None and (isinstance(nll_k, bool) or not isinstance(nll_k, int) or nll_k <= 0):
-        raise ConfigError(f"nll_k must be a positive integer (particles per image) or None, got {nll_k!r}")
-    if nll_images is not None and (isinstance(nll_images, bool) or not isinstance(nll_images, int) or nll_images <= 0):
-        raise ConfigError(f"nll_images must be a positive integer or None (all test images), got {nll_images!r}")
+    check_int("nll_k (particles per image)", nll_k, low=1, allow_none=True)
+    check_int("nll_images (None: all test images)", nll_images, low=1, allow_none=True)
     return seeds
 
 

@@ -56,7 +56,7 @@ def check_int(
         return None
     words = {None: "an integer", 0: "an integer >= 0", 1: "a positive integer"}.get(low, f"an integer >= {low}")
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-        raise ConfigError(f"{name} must be {words}" + (" or null" if allow_none else "") + f", got {value!r}")
+        raise ConfigError(f"{name} must be {words}" + (" or None" if allow_none else "") + f", got {value!r}")
     if high is not None and value > high:
         raise ConfigError(f"{name} must be at most {high}" + (f" ({why})" if why else "") + f", got {value!r}")
     return value
@@ -92,7 +92,7 @@ def check_float(
     if ok and high is not None:
         ok = value < high if open_high else value <= high
     if not ok:
-        raise ConfigError(f"{name} must be {words}" + (" or null" if allow_none else "") + f", got {value!r}")
+        raise ConfigError(f"{name} must be {words}" + (" or None" if allow_none else "") + f", got {value!r}")
     return value
 
 

@@ -46,6 +46,7 @@ from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 from torch.distributions import kl_divergence
 
+from pyro_vae.config import check_int
 from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.importance import log_mean_exp, log_weights, own_rng, particle_traces
 from pyro_vae.model import VAE, posterior_mean
@@ -164,8 +165,10 @@ def _check_ks(ks) -> tuple[int, ...]:
         values = tuple(ks)
     except TypeError:
         raise ConfigError(f"ks must be a sequence of positive integers such as (1, 100, 1000), got {ks!r}") from None
-    if not values or any(isinstance(k, bool) or not isinstance(k, int) or k <= 0 for k in values):
+    if not values:
         raise ConfigError(f"ks must be a non-empty sequence of positive integers such as (1, 100, 1000), got {ks!r}")
+    for k in values:
+        check_int("every entry of ks", k, low=1)
     return tuple(sorted(set(values)))
 
 
@@ -245,8 +248,7 @@ def _evaluate_chunks(vae, x, ks, images_per_chunk: int, particles_per_pass: int,
 
 def _check_evaluate_args(ks, chunk_size, x: torch.Tensor) -> tuple[int, ...]:
     ks = _check_ks(ks)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ConfigError(f"chunk_size must be a positive integer (particles × images per pass), got {chunk_size!r}")
+    check_int("chunk_size (particles × images per pass)", chunk_size, low=1)
     if x.dim() != 2 or x.shape[0] == 0:
         raise DataError(f"evaluate needs images of shape (N, D) with N >= 1, got {tuple(x.shape)}")
     return ks

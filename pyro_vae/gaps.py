@@ -38,7 +38,8 @@ import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import is_validation_enabled
 
-from pyro_vae.errors import ConfigError, DataError
+from pyro_vae.config import check_float, check_int
+from pyro_vae.errors import DataError
 from pyro_vae.importance import MAX_PLATE_NESTING, MeanSE, log_mean_exp, log_weights, mean_se, own_rng, particle_traces
 from pyro_vae.model import VAE
 
@@ -153,12 +154,9 @@ def _log_weights(vae, x, raw, num_particles: int, chunk_size: int) -> torch.Tens
 
 def _check_arguments(x: torch.Tensor, *, lr, chunk_size, **counts) -> None:
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ConfigError(f"chunk_size must be a positive integer (particles × images per pass), got {chunk_size!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ConfigError(f"lr must be a positive number, got {lr!r}")
+        check_int(name, value, low=1)
+    check_int("chunk_size (particles × images per pass)", chunk_size, low=1)
+    check_float("lr", lr, low=0, open_low=True)
     if x.dim() != 2 or x.shape[0] == 0:
         raise DataError(f"inference_gaps needs images of shape (N, D) with N >= 1, got {tuple(x.shape)}")
 

@@ -30,7 +30,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyro_vae._compat import announce_param, tag_module_param
-from pyro_vae.config import ModelConfig
+from pyro_vae.config import ModelConfig, check_int
 from pyro_vae.guides import GuideFamily, make_family
 from pyro_vae.likelihoods import Likelihood, make_likelihood
 from pyro_vae.networks import Decoder, Encoder
@@ -96,8 +96,7 @@ class VAE(nn.Module):
         likelihood: str | Likelihood = "bernoulli",
     ):
         super().__init__()
-        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim <= 0:
-            raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
+        check_int("input_dim", input_dim, low=1)
         family = make_family(guide, latent_dim, **(guide_options or {})) if isinstance(guide, str) else guide
         if family.latent_dim != latent_dim:
             raise ValueError(f"guide family has latent_dim={family.latent_dim} but the VAE has {latent_dim}")

@@ -41,7 +41,7 @@ from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled
 from pyro.util import check_if_enumerated, warn_if_nan
 
-from pyro_vae.config import parse_objective_spec
+from pyro_vae.config import check_int, parse_objective_spec
 from pyro_vae.errors import ConfigError, unknown_choice
 from pyro_vae.importance import MAX_PLATE_NESTING, log_mean_exp, log_weights
 
@@ -138,8 +138,7 @@ class IWAE_ELBO(ELBO):
     estimators = ("reparam", "stl", "dreg")
 
     def __init__(self, num_particles: int = 5, estimator: str = "reparam", max_plate_nesting: int = MAX_PLATE_NESTING):
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles <= 0:
-            raise ConfigError(f"num_particles must be a positive integer, got {num_particles!r}")
+        check_int("num_particles", num_particles, low=1)
         if estimator not in self.estimators:
             raise unknown_choice("IWAE gradient estimator", estimator, self.estimators)
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting, vectorize_particles=True)
@@ -282,8 +281,7 @@ def make_objective(name: str = "trace", num_particles: int = 1) -> ELBO:
     spec = parse_objective_spec(name)
     if spec.name not in _OBJECTIVES:
         raise unknown_choice("objective", spec.name, _OBJECTIVES)
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles <= 0:
-        raise ConfigError(f"num_particles must be a positive integer, got {num_particles!r}")
+    check_int("num_particles", num_particles, low=1)
     if spec.num_particles is not None and num_particles not in (1, spec.num_particles):
         raise ConfigError(
             f"objective {name!r} asks for {spec.num_particles} particles but num_particles is {num_particles}; "

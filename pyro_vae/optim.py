@@ -30,8 +30,8 @@ from pyro.infer import SVI
 from pyro.optim import PyroOptim
 
 from pyro_vae._compat import fused_optimizer_devices, module_param_name
-from pyro_vae.config import NONFINITE_POLICIES
-from pyro_vae.errors import ConfigError, NonFiniteLossError, unknown_choice
+from pyro_vae.config import NONFINITE_POLICIES, check_float, check_int
+from pyro_vae.errors import NonFiniteLossError, unknown_choice
 
 logger = logging.getLogger(__name__)
 
@@ -180,12 +180,10 @@ class SingleOptimizer(PyroOptim):
     ):
         optim_args = dict(optim_args or {"lr": 1e-3})
         super().__init__(optim_constructor, optim_args)
-        if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
-            raise ValueError(f"clip_norm must be a positive finite number or None, got {clip_norm!r}")
+        check_float("clip_norm", clip_norm, low=0, open_low=True, allow_none=True)
         if on_nonfinite not in NONFINITE_POLICIES:
             raise unknown_choice("non-finite policy", on_nonfinite, NONFINITE_POLICIES)
-        if max_skips is not None and (isinstance(max_skips, bool) or not isinstance(max_skips, int) or max_skips < 0):
-            raise ConfigError(f"max_skips must be an integer >= 0 or None, got {max_skips!r}")
+        check_int("max_skips", max_skips, low=0, allow_none=True)
         self.clip_norm = clip_norm
         self.fused = fused
         self.on_nonfinite = on_nonfinite

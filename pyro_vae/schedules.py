@@ -49,7 +49,7 @@ from pyro.distributions.util import detach
 from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
-from pyro_vae.config import parse_schedule_spec
+from pyro_vae.config import check_float, parse_schedule_spec
 from pyro_vae.errors import ConfigError, unknown_choice
 
 __all__ = [
@@ -147,16 +147,6 @@ class KLSchedule:
         return f"{type(self).__name__}({options}; steps={self.steps})"
 
 
-def _check_number(schedule: str, name: str, value, *, low: float = 0.0, high: float | None = None, strict=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"the {schedule} KL schedule's {name} must be a number, got {value!r}")
-    too_low = value <= low if strict else value < low
-    if too_low or (high is not None and value > high):
-        bounds = f"{'>' if strict else '>='} {low}" + ("" if high is None else f" and <= {high}")
-        raise ConfigError(f"the {schedule} KL schedule's {name} must be {bounds}, got {value!r}")
-    return float(value)
-
-
 @register
 class Constant(KLSchedule):
     """β at every step; β = 1 is the ELBO, β > 1 the β-VAE, β = 0 drops the KL term.
@@ -170,7 +160,7 @@ class Constant(KLSchedule):
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
-        self.weight = _check_number("constant", "weight", weight)
+        self.weight = float(check_float("the constant KL schedule's weight", weight, low=0.0))
 
     def beta(self) -> float:
         return self.weight
@@ -190,8 +180,10 @@ class LinearWarmup(KLSchedule):
 
     def __init__(self, warmup_steps: float, start: float = 0.0):
         super().__init__()
-        self.warmup_steps = _check_number("linear", "warm-up length", warmup_steps, strict=True)
-        self.start = _check_number("linear", "start", start, high=1.0)
+        self.warmup_steps = float(
+            check_float("the linear KL schedule's warm-up length", warmup_steps, low=0.0, open_low=True)
+        )
+        self.start = float(check_float("the linear KL schedule's start", start, low=0.0, high=1.0))
 
     def beta(self) -> float:
         return self.start + (1.0 - self.start) * min(1.0, self.steps / self.warmup_steps)
@@ -211,8 +203,8 @@ class Cyclical(KLSchedule):
 
     def __init__(self, period: float, ratio: float = 0.5):
         super().__init__()
-        self.period = _check_number("cyclical", "period", period, strict=True)
-        self.ratio = _check_number("cyclical", "ratio", ratio, high=1.0, strict=True)
+        self.period = float(check_float("the cyclical KL schedule's period", period, low=0.0, open_low=True))
+        self.ratio = float(check_float("the cyclical KL schedule's ratio", ratio, low=0.0, high=1.0, open_low=True))
 
     def beta(self) -> float:
         tau = (self.steps % self.period) / self.period
@@ -305,7 +297,7 @@ class FreeBits(KLSchedule):
 
     def __init__(self, budget: float):
         super().__init__()
-        self.budget = _check_number("free_bits", "budget", budget)
+        self.budget = float(check_float("the free_bits KL schedule's budget", budget, low=0.0))
         self.weights: torch.Tensor | None = None
         self._guide_marginals: dist.Normal | None = None
 

@@ -322,9 +322,13 @@ def test_refuses_local_sites_whose_shape_changes():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"encoder_input": "x"}, "encoder_input must be a model argument"),
+        (
+            {"encoder_input": "x"},
+            r"^encoder_input \(a model argument's index, or else a callable\) must be an integer >= 0",
+        ),
+        ({"encoder_input": True}, r"^encoder_input \(a model argument's index, or else a callable\) .*, got True$"),
         ({"family": "ful_rank"}, "unknown guide family 'ful_rank'.*did you mean 'full_rank'"),
-        ({"hidden_dims": ()}, "hidden_dims must be a non-empty list of integers"),
+        ({"hidden_dims": ()}, r"^hidden_dims must be a non-empty list of integers, got \(\)$"),
         ({"global_guide": "AutoNormal"}, "global_guide must be an AutoGuide class"),
         ({"plate": ""}, "plate= the name of its data plate"),
     ],

@@ -108,10 +108,20 @@ def test_tables_and_files(data, tmp_path):
         ({"guides": ["iaf", "iaf"]}, "must be distinct"),
         ({"guides": []}, "at least one guide"),
         ({"guides": ["mvn_diag"], "seeds": []}, "seeds must be"),
-        ({"guides": ["mvn_diag"], "seeds": [-1]}, "seeds must be"),
+        ({"guides": ["mvn_diag"], "seeds": [-1]}, "^every seed must be an integer >= 0, got -1$"),
+        (
+            {"guides": ["mvn_diag"], "seeds": [2**32]},
+            r"^every seed must be at most 4294967295 \(numpy seeds are 32-bit\)",
+        ),
         ({"guides": ["mvn_diag"], "isolate": True, "data": "given"}, "pass data=None"),
-        ({"guides": ["mvn_diag"], "nll_k": 0}, "nll_k must be a positive integer"),
-        ({"guides": ["mvn_diag"], "nll_images": 0}, "nll_images must be a positive integer"),
+        (
+            {"guides": ["mvn_diag"], "nll_k": 0},
+            r"^nll_k \(particles per image\) must be a positive integer or None, got 0$",
+        ),
+        (
+            {"guides": ["mvn_diag"], "nll_images": 0},
+            r"^nll_images \(None: all test images\) must be a positive integer or",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_training(kwargs, words, data):

@@ -530,7 +530,7 @@ def test_resume_mid_epoch_is_bit_exact(x, binarize):
         assert len(tail) == len(full) - start
         for got, want in zip(tail, full[start:], strict=True):
             assert torch.equal(got.index, want.index) and torch.equal(got.x, want.x) and got.step == want.step
-    with pytest.raises(ValueError, match="start"):
+    with pytest.raises(ConfigError, match=rf"^start must be at most {len(full)} \(the batches in an epoch\)"):
         EpochBatches(x, batch_size=8, seed=1, binarize=binarize).batches(4, start=len(full) + 1)
 
 
@@ -609,8 +609,12 @@ def test_batch_size_larger_than_the_data(x):
 def test_bad_constructor_arguments(x):
     with pytest.raises(ConfigError, match="did you mean 'dynamic'"):
         EpochBatches(x, batch_size=4, seed=0, binarize="dynamc")
-    with pytest.raises(ValueError, match="rank"):
+    with pytest.raises(ConfigError, match=r"^rank must be at most 1 \(ranks count from 0 in a world of 2\), got 2$"):
         EpochBatches(x, batch_size=4, seed=0, binarize="none", rank=2, world_size=2)
+    with pytest.raises(ConfigError, match=r"^threshold must be a number in \(0.0, 1.0\), got 1.0$"):
+        EpochBatches(x, batch_size=4, seed=0, binarize="threshold", threshold=1.0)
+    with pytest.raises(ConfigError, match="^seed must be an integer >= 0, got True$"):
+        EpochBatches(x, batch_size=4, seed=True, binarize="none")
     with pytest.raises(TypeError, match="float"):
         EpochBatches(x.long(), batch_size=4, seed=0, binarize="none")
 

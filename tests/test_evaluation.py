@@ -228,9 +228,14 @@ def test_protocols_side_by_side_and_json(float64):
     ("kwargs", "error", "message"),
     [
         ({"ks": ()}, ConfigError, "non-empty sequence of positive integers"),
-        ({"ks": (1, 0)}, ConfigError, "non-empty sequence of positive integers"),
+        ({"ks": (1, 0)}, ConfigError, "^every entry of ks must be a positive integer, got 0$"),
+        ({"ks": (1, 2.0)}, ConfigError, "^every entry of ks must be a positive integer, got 2.0$"),
         ({"ks": 5}, ConfigError, "must be a sequence"),
-        ({"chunk_size": 0}, ConfigError, "chunk_size must be a positive integer"),
+        (
+            {"chunk_size": 0},
+            ConfigError,
+            r"^chunk_size \(particles × images per pass\) must be a positive integer, got 0$",
+        ),
     ],
 )
 def test_bad_arguments(float64, kwargs, error, message):

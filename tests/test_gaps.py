@@ -119,7 +119,12 @@ def test_gaps_on_the_seed_vae():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"k": 0}, "k must be"), ({"steps": 1.5}, "steps must be"), ({"lr": -1.0}, "lr must be")],
+    [
+        ({"k": 0}, "^k must be a positive integer, got 0$"),
+        ({"steps": 1.5}, "^steps must be a positive integer, got 1.5$"),
+        ({"lr": -1.0}, "^lr must be a positive finite number, got -1.0$"),
+        ({"chunk_size": True}, r"^chunk_size \(particles × images per pass\) must be a positive integer, got True$"),
+    ],
 )
 def test_bad_arguments(kwargs, message):
     vae = VAE(20, latent_dim=2, hidden_dims=(16, 8))

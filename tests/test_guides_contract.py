@@ -250,8 +250,10 @@ def test_low_rank_rank_default_and_bounds():
     assert make_family("low_rank", 16).rank == 4
     assert make_family("low_rank", 2).rank == 1
     assert make_family("low_rank:3", 16).num_params == 16 * 5
-    with pytest.raises(ConfigError, match="rank must be an integer from 1 to latent_dim=3"):
+    with pytest.raises(ConfigError, match=r"^low_rank's rank must be at most 3 \(latent_dim; for a full covariance"):
         make_family("low_rank:4", 3)
+    with pytest.raises(ConfigError, match="^low_rank's rank must be a positive integer, got 0$"):
+        make_family("low_rank", 3, rank=0)
 
 
 def test_flow_layout_base_and_options():
@@ -264,8 +266,10 @@ def test_flow_layout_base_and_options():
     assert params.context.shape == (2, 5) and params.base.scale_tril.shape == (2, L, L)
     with pytest.raises(ConfigError, match="base must be a Gaussian family"):
         make_family("iaf", L, base="planar")
-    with pytest.raises(ConfigError, match="num_flows must be a positive integer"):
+    with pytest.raises(ConfigError, match=r"^num_flows \(the K of iaf:K\) must be a positive integer, got 0$"):
         make_family("iaf", L, num_flows=0)
+    with pytest.raises(ConfigError, match="^every hidden width must be a positive integer, got True$"):
+        make_family("iaf", L, hidden_dims=[8, True])
 
 
 @pytest.mark.parametrize("name", ["sylvester", "sylvester_householder", "sylvester_triangular"])

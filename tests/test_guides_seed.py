@@ -99,7 +99,7 @@ def test_extreme_raw_outputs_stay_valid(name, value):
 
 def test_eps_matters_where_softplus_underflows():
     assert F.softplus(torch.tensor(-200.0)).item() == 0.0
-    with pytest.raises(ConfigError, match="eps must be > 0"):
+    with pytest.raises(ConfigError, match=r"^eps \(the softplus floor .*\) must be a positive finite number, got 0.0$"):
         make_family("mvn_diag", L, eps=0.0)
 
 

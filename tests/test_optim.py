@@ -9,7 +9,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_vae.errors import NonFiniteLossError
+from pyro_vae.errors import ConfigError, NonFiniteLossError
 from pyro_vae.model import VAE
 from pyro_vae.optim import SingleOptimizer
 
@@ -119,9 +119,18 @@ def test_refuses_pickle_based_persistence():
         optim.load("x.pt")
 
 
-def test_bad_clip_norm():
-    with pytest.raises(ValueError, match="clip_norm"):
-        SingleOptimizer(clip_norm=-1.0)
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"clip_norm": -1.0}, "clip_norm must be a positive finite number or None, got -1.0"),
+        ({"clip_norm": float("nan")}, "clip_norm must be a positive finite number or None, got nan"),
+        ({"max_skips": True}, "max_skips must be an integer >= 0 or None, got True"),
+        ({"max_skips": -1}, "max_skips must be an integer >= 0 or None, got -1"),
+    ],
+)
+def test_bad_clip_norm_and_max_skips(kwargs, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        SingleOptimizer(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ from pyro_vae.checkpoint.files import (
     write_all,
     write_sidecar,
 )
-from pyro_vae.errors import CheckpointError, ConfigError
+from pyro_vae.config import check_int
+from pyro_vae.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,8 @@ class CheckpointDir:
     """
 
     def __init__(self, run_dir: str | os.PathLike, keep_last: int = 2):
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-            raise ConfigError(f"keep_last must be a positive integer, got {keep_last!r}")
+        self.keep_last = check_int("keep_last", keep_last, low=1)
         self.run_dir = Path(run_dir)
-        self.keep_last = keep_last
 
     @property
     def names(self) -> list[str]:

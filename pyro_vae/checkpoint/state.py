@@ -19,12 +19,13 @@ import logging
 import math
 import platform
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import pyro
 import torch
 
-from pyro_vae.config import RunConfig, resume_differences
+from pyro_vae.config import RunConfig, check_float, check_int, resume_differences
 from pyro_vae.data.fingerprint import DataRecord
 from pyro_vae.errors import CheckpointError, ConfigError
 
@@ -45,8 +46,18 @@ class Progress(NamedTuple):
     seconds: float = 0.0
 
 
+def _passes(check: Callable[..., Any], value: Any, **bounds: Any) -> bool:
+    """Whether ``value`` passes ``check`` (:func:`check_int` or :func:`check_float`): a payload field is file content,
+    not an argument, so its caller names the file and the field in a CheckpointError instead."""
+    try:
+        check("value", value, **bounds)
+    except ConfigError:
+        return False
+    return True
+
+
 def _is_int(value: Any, low: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+    return _passes(check_int, value, low=low)
 
 
 def _plain_dict(value: Any) -> str | None:
@@ -97,7 +108,7 @@ def _check_progress(value: Any) -> str | None:
     if not all(_is_int(value[k]) for k in ("epoch", "batch", "step")) or not isinstance(value["recorded"], bool):
         return "needs ints epoch, batch, step >= 0 and a bool 'recorded'"
     seconds = value["seconds"]
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+    if not _passes(check_float, seconds, low=0.0):
         return f"has 'seconds' {seconds!r}, not a finite number >= 0"
     return None
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from pyro_vae.config import BINARIZATIONS
+from pyro_vae.config import BINARIZATIONS, check_float, check_int
 from pyro_vae.errors import DataError, unknown_choice
 
 if TYPE_CHECKING:
@@ -159,15 +159,11 @@ class EpochBatches:
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
             raise TypeError(f"x must be a float (N, D) tensor, got {getattr(x, 'shape', type(x).__name__)}")
         _check_binarize(binarize)
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must lie in (0, 1), got {threshold!r}")
-        for name, value in (("batch_size", batch_size), ("world_size", world_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        check_float("threshold", threshold, low=0.0, high=1.0, open_low=True, open_high=True)
+        check_int("batch_size", batch_size, low=1)
+        check_int("world_size", world_size, low=1)
+        check_int("rank", rank, low=0, high=world_size - 1, why=f"ranks count from 0 in a world of {world_size}")
+        check_int("seed", seed, low=0)
         self.num_images = x.shape[0]
         self.batch_size = batch_size
         self.seed = seed
@@ -234,8 +230,7 @@ class EpochBatches:
         :returns: an iterator of :class:`Batch`.
         """
         n_batches = self.len_per_epoch()
-        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= n_batches:
-            raise ValueError(f"start must be an integer in [0, {n_batches}], got {start!r}")
+        check_int("start", start, low=0, high=n_batches, why="the batches in an epoch")
         return self._iterate(epoch, start, n_batches)
 
     def _iterate(self, epoch: int, start: int, n_batches: int) -> Iterator[Batch]:

@@ -13,7 +13,7 @@ import torch
 from pyro.distributions import TorchDistribution
 from torch import nn
 
-from pyro_vae.errors import ConfigError
+from pyro_vae.config import check_int
 
 
 class GuideFamily(nn.Module):
@@ -35,9 +35,7 @@ class GuideFamily(nn.Module):
 
     def __init__(self, latent_dim: int):
         super().__init__()
-        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim <= 0:
-            raise ConfigError(f"latent_dim must be a positive integer, got {latent_dim!r}")
-        self.latent_dim = latent_dim
+        self.latent_dim = check_int("latent_dim", latent_dim, low=1)
 
     @property
     def num_params(self) -> int:

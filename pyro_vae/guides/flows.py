@@ -47,14 +47,9 @@ import pyro.distributions.transforms as T
 import torch
 from torch import nn
 
+from pyro_vae.config import check_int
 from pyro_vae.errors import ConfigError
 from pyro_vae.guides.base import GuideFamily
-
-
-def _positive_int(what: str, value, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{what} must be a positive integer, got {value!r}; {hint}")
-    return value
 
 
 class FlowFamily(GuideFamily):
@@ -75,7 +70,7 @@ class FlowFamily(GuideFamily):
         super().__init__(latent_dim)
         if num_flows is None:
             num_flows = self.default_num_flows
-        self.num_flows = _positive_int("num_flows", num_flows, f"write e.g. {self.name}:{self.default_num_flows}")
+        self.num_flows = check_int(f"num_flows (the K of {self.name}:K)", num_flows, low=1)
         self.base = self._make_base(base, latent_dim)
 
     @staticmethod
@@ -128,9 +123,9 @@ class ConditionalFlowFamily(FlowFamily):
         super().__init__(latent_dim, num_flows, base)
         if context_dim is None:
             context_dim = max(16, 2 * latent_dim)
-        self.context_dim = _positive_int("context_dim", context_dim, "it is the width of the flow's context")
+        self.context_dim = check_int("context_dim (the width of the flow's context)", context_dim, low=1)
         if hidden_dims is not None:
-            hidden_dims = [_positive_int("every hidden width", h, "give widths like [64, 64]") for h in hidden_dims]
+            hidden_dims = [check_int("every hidden width", h, low=1) for h in hidden_dims]
         self.hidden_dims = hidden_dims
         self.transforms = nn.ModuleList(self.make_transforms())
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.distributions import Distribution
 from torch.distributions.utils import _standard_normal, lazy_property
 
-from pyro_vae.errors import ConfigError
+from pyro_vae.config import check_float, check_int
 from pyro_vae.guides.base import GuideFamily
 
 
@@ -115,9 +115,7 @@ class _DiagonalFamily(GuideFamily):
 
     def __init__(self, latent_dim: int, eps: float = 1e-5):
         super().__init__(latent_dim)
-        if not (isinstance(eps, (int, float)) and eps > 0):
-            raise ConfigError(f"eps must be > 0 so the scale stays positive when softplus underflows, got {eps!r}")
-        self.eps = float(eps)
+        self.eps = _check_eps(eps)
 
     @property
     def num_params(self) -> int:
@@ -163,9 +161,7 @@ class DiagNormal(_DiagonalFamily):
 # Correlated Gaussians: full_rank and low_rank. Both keep the seed's layout for their first 2 L numbers (loc, then
 # the raw scale through softplus + eps), so a family whose extra numbers are zero is exactly mvn_diag.
 def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ConfigError(f"eps must be > 0 so the scale stays positive when softplus underflows, got {eps!r}")
-    return float(eps)
+    return float(check_float("eps (the softplus floor that keeps the scale positive)", eps, low=0, open_low=True))
 
 
 class FullRankParams(NamedTuple):
@@ -223,9 +219,7 @@ class FullRank(GuideFamily):
         super().__init__(latent_dim)
         self.eps = _check_eps(eps)
         c = latent_dim**-0.5 if off_diagonal_scale is None else off_diagonal_scale
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < float("inf"):
-            raise ConfigError(f"off_diagonal_scale must be a positive finite number, got {off_diagonal_scale!r}")
-        self.off_diagonal_scale = float(c)
+        self.off_diagonal_scale = float(check_float("off_diagonal_scale", c, low=0, open_low=True))
         rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
         # positions of the strictly-lower entries in a row-major flattened (L, L) matrix
         self.register_buffer("_strict_lower", rows * latent_dim + cols, persistent=False)
@@ -296,11 +290,9 @@ class LowRank(GuideFamily):
         super().__init__(latent_dim)
         if rank is None:
             rank = max(1, round(latent_dim**0.5))
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= latent_dim:
-            raise ConfigError(
-                f"low_rank's rank must be an integer from 1 to latent_dim={latent_dim}, got {rank!r}; "
-                f"for a full covariance use full_rank"
-            )
+        check_int(
+            "low_rank's rank", rank, low=1, high=latent_dim, why="latent_dim; for a full covariance use full_rank"
+        )
         self.rank = rank
         self.eps = _check_eps(eps)
 

@@ -60,7 +60,7 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import Transform, constraints
 
-from pyro_vae.errors import ConfigError
+from pyro_vae.config import check_int
 from pyro_vae.guides.base import GuideFamily
 from pyro_vae.guides.flows import FlowFamily
 
@@ -243,14 +243,12 @@ class OrthogonalSylvester(SylvesterFamily):
         num_ortho_vecs: int | None = None,
         base: str | GuideFamily = "mvn_diag",
     ):
-        largest = max(latent_dim - 1, 1) if isinstance(latent_dim, int) else 1
-        m = largest if num_ortho_vecs is None else num_ortho_vecs
-        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= largest:
-            raise ConfigError(
-                f"num_ortho_vecs must be an integer from 1 to latent_dim - 1 = {largest}, got {m!r} (the last "
-                "column of a square Q is fixed by the others); for a square Q use sylvester_householder"
-            )
-        self._m = m
+        largest = max(check_int("latent_dim", latent_dim, low=1) - 1, 1)
+        why = "latent_dim - 1: a square Q's last column is fixed by the others; for a square Q use "
+        why += "sylvester_householder"
+        self._m = check_int(
+            "num_ortho_vecs", largest if num_ortho_vecs is None else num_ortho_vecs, low=1, high=largest, why=why
+        )
         super().__init__(latent_dim, num_flows, base)
 
     @property
@@ -291,10 +289,10 @@ class HouseholderSylvester(SylvesterFamily):
         num_householder: int | None = None,
         base: str | GuideFamily = "mvn_diag",
     ):
-        h = latent_dim // 2 + 1 if num_householder is None else num_householder
-        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
-            raise ConfigError(f"num_householder must be a positive integer, got {h!r}")
-        self.num_householder = h
+        default = check_int("latent_dim", latent_dim, low=1) // 2 + 1
+        self.num_householder = check_int(
+            "num_householder", default if num_householder is None else num_householder, low=1
+        )
         super().__init__(latent_dim, num_flows, base)
 
     @property
