@@ -532,7 +532,7 @@ def test_weights_of_another_architecture_are_one_line_errors(tmp_path):
     payload = make_state(1).to_payload()
     payload["config"] = wide.to_dict()  # the config says L=3, the weights are for L=2
     save_checkpoint(tmp_path / "last.pt", payload)
-    with pytest.raises(CheckpointError, match=r"weight '.*' has shape \(\d+, \d+\) but the model its config") as err:
+    with pytest.raises(CheckpointError, match=r"weight '.*' has shape \(\d+, \d+\) but this model needs") as err:
         load_run(tmp_path)
     one_line(err)
     payload = make_state(1).to_payload()
