@@ -187,7 +187,7 @@ def run_setting(x_train, batch, latent, guide, contenders, rounds, chunk, warmup
     batches = EpochBatches(x_train, batch_size=batch, seed=0, binarize="dynamic")
     pool = []
     for epoch in range(10**6):
-        pool += [(b.x, b.index) for b in batches.batches(epoch)]
+        pool += [(b.x, b.index) for b in batches.batches(epoch) if b.x.shape[0] == batch]  # e compiles one shape
         if len(pool) >= (rounds * chunk + warmup):
             break
     reference = build(latent, "mvn_diag", x_train.shape[1], device=device)

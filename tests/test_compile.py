@@ -413,3 +413,18 @@ def test_cli_train_compile(tmp_path, caplog):
     assert json.loads((out / "config.json").read_text())["config"]["train"]["compile"] is True
     assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) == 0
     assert load_checkpoint(out / "last.pt")["progress"]["step"] == 8
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_compiled_train_step_matches_eager():
+    """TrainStep(compile=True) on CUDA: CUDA graphs (mode="reduce-overhead") after the first step, a partial batch
+    eagerly, and the losses of eager at the tolerance of assert_compiled_matches_eager, with TF32 off."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    batches = step_batches(40)
+    batches[20] = (batches[20][0][:5], batches[20][1][:5])
+    expected, _, _ = train_step_losses(False, batches, device="cuda")
+    got, _, step = train_step_losses(True, batches, device="cuda")
+    assert step.compiled.mode == "reduce-overhead"
+    assert (step.compiled.compiled_steps, step.compiled.eager_steps) == (38, 1)
+    assert_compiled_matches_eager(got, expected)
