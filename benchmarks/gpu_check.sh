@@ -46,7 +46,7 @@ part() {  # part NAME TIMEOUT_S COMMAND...: run under min(TIMEOUT_S, budget left
 {
     nvidia-smi -L
     "$PY" -c "import torch, pyro; print('torch', torch.__version__, 'pyro', pyro.__version__, torch.cuda.get_device_name())"
-} >>"$LOGS/summary.txt" 2>&1
+} 2>&1 | tail -n 4 >>"$LOGS/summary.txt"
 
 # Every test marked cuda, collected only from the files that mark one: test_tutorials.py imports nbclient, which
 # the GPU machine lacks, and one collection error would stop the whole session.

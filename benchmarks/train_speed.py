@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         if batch == 128 and latent == 16 and "d" in r:
             first = abs(r["a"].losses[0] - r["d"].losses[0])
             print(f"#   same weights, data and noise: |loss_a - loss_d| at step 1 = {first:.2e} nats per image")
+        if "e" in r:  # same weights, batches and noise: they differ only by float32 reassociation in fused kernels
+            drift = max(abs(e - a) / abs(a) for a, e in zip(r["a"].losses, r["e"].losses, strict=True))
+            print(f"#   B={batch}: max relative |loss_e - loss_a| over the {len(r['a'].losses)} steps = {drift:.1e}")
     if args.table_only:
         return 0
     extras(x, rounds, chunk, warmup, args.quick)
