@@ -61,12 +61,12 @@ for kind in eager compile; do
     part "train_$kind" $([ "$kind" = compile ] && echo 70 || echo 30) \
         "$PY" -m pyro_vae train "${TINY[@]}" "${flags[@]}" --epochs 1 --out "$RUN/$kind"
     part "resume_$kind" $([ "$kind" = compile ] && echo 45 || echo 25) \
-        "$PY" -m pyro_vae train --resume "$RUN/$kind" --epochs 2
+        "$PY" -m pyro_vae train --resume "$RUN/$kind" --epochs 2 "${flags[@]}"
     part "evaluate_$kind" 25 "$PY" -m pyro_vae evaluate "$RUN/$kind" --k 1,100 --n 500 --out "$RUN/eval_$kind.json"
     part "sample_$kind" 20 "$PY" -m pyro_vae sample "$RUN/$kind" --n 16 --out "$RUN/samples_$kind.png"
 done
 # The table goes to its own file as well as to all.log; rows are printed as each batch size finishes.
-part train_speed 110 bash -c "set -o pipefail; \"$PY\" benchmarks/train_speed.py --device cuda --batch-sizes 128,1024,4096 \
+part train_speed 150 bash -c "set -o pipefail; \"$PY\" benchmarks/train_speed.py --device cuda --batch-sizes 128,1024,4096 \
     --contenders abde --rounds 4 --chunk 10 --table-only | tee \"$LOGS/train_speed.md\""
 echo "overall: $([ $status -eq 0 ] && echo ok || echo 'some part failed') after $SECONDS s" | tee -a "$LOGS/summary.txt"
 rm -rf "$RUN" "$SITE"
