@@ -59,9 +59,9 @@ for kind in eager compile; do
     flags=()
     [ "$kind" = compile ] && flags=(--compile)
     part "train_$kind" $([ "$kind" = compile ] && echo 70 || echo 30) \
-        "$PY" -m pyro_vae train "${TINY[@]}" "${flags[@]}" --epochs 1 --out "$RUN/$kind"
+        "$PY" -m pyro_vae train "${TINY[@]}" ${flags[@]+"${flags[@]}"} --epochs 1 --out "$RUN/$kind"
     part "resume_$kind" $([ "$kind" = compile ] && echo 45 || echo 25) \
-        "$PY" -m pyro_vae train --resume "$RUN/$kind" --epochs 2 "${flags[@]}"
+        "$PY" -m pyro_vae train --resume "$RUN/$kind" --epochs 2 ${flags[@]+"${flags[@]}"}
     part "evaluate_$kind" 25 "$PY" -m pyro_vae evaluate "$RUN/$kind" --k 1,100 --n 500 --out "$RUN/eval_$kind.json"
     part "sample_$kind" 20 "$PY" -m pyro_vae sample "$RUN/$kind" --n 16 --out "$RUN/samples_$kind.png"
 done
