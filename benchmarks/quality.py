@@ -7,7 +7,9 @@ AdamW). Both are then evaluated by :func:`pyro_vae.evaluation.evaluate` on the s
 images: the test ELBO and the importance-sampled log-likelihood (IS-NLL, k particles).
 
 The table gives mean ± standard error over seeds, each seed's values, and whether (a)'s mean lies within the spread
-(min..max over seeds) of (b).
+(min..max over seeds) of (b). ``--contenders abe`` adds (e), (a) with the compiled step (``TrainConfig(compile=True)``,
+``pyro-vae train --compile``), and says whether (e)'s mean lies within (a)'s seed spread: compiling must not change
+what is learnt.
 
 ``python benchmarks/quality.py`` runs the issue's protocol (full Fashion-MNIST, 20 epochs, 3 seeds, k=1000, all
 10 000 test images); ``--quick`` is a smoke run on a few embedded images.
@@ -65,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=1000, help="particles of the IS log-likelihood")
     parser.add_argument("--n-test", type=int, default=None, help="test images to evaluate (default: all)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--contenders", default="ab", help="which to train: a, b or ab (default)")
+    parser.add_argument("--contenders", default="ab", help="which to train, of a, b, e (default ab)")
     parser.add_argument("--objective", default="trace", help="(a)'s objective, e.g. meanfield (default: trace)")
     parser.add_argument("--guide", default="mvn_diag", help="(a)'s guide family (default: the seed, mvn_diag)")
     args = parser.parse_args(argv)
-    if not args.contenders or set(args.contenders) - set("ab"):
-        parser.error(f"--contenders takes a, b or ab, got {args.contenders!r}")
+    if not args.contenders or set(args.contenders) - set("abe"):
+        parser.error(f"--contenders takes letters of a, b and e (e.g. ab or abe), got {args.contenders!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -89,20 +91,25 @@ def main(argv: list[str] | None = None) -> int:
         f"(a) = fit with guide {args.guide}, objective {args.objective}"
     )
     guide_config = dataclasses.replace(model_config, guide=args.guide)
-    results: dict[str, dict[str, list[float]]] = {"a": {"elbo": [], "nll": []}, "b": {"elbo": [], "nll": []}}
+    results: dict[str, dict[str, list[float]]] = {name: {"elbo": [], "nll": []} for name in "abe"}
     for seed in range(seeds):
         torch.manual_seed(seed)
         initial = VAE.from_config(model_config, data.input_dim).state_dict()
         for name in args.contenders:
             # Families without parameters of their own (mvn_diag, diag_normal) share the seed's initial weights.
-            vae = VAE.from_config(guide_config if name == "a" else model_config, data.input_dim)
+            vae = VAE.from_config(guide_config if name in "ae" else model_config, data.input_dim)
             vae.load_state_dict(initial)
             start = time.perf_counter()
-            if name == "a":
+            if name in "ae":
                 config = RunConfig(
                     model=guide_config,
                     train=TrainConfig(
-                        epochs=epochs, seed=seed, progress=False, max_steps=max_steps, objective=args.objective
+                        epochs=epochs,
+                        seed=seed,
+                        progress=False,
+                        max_steps=max_steps,
+                        objective=args.objective,
+                        compile=name == "e",
                     ),
                 )
                 fit(vae, data, config)
@@ -120,19 +127,23 @@ def main(argv: list[str] | None = None) -> int:
             )
     print("| contender | test ELBO (mean ± SE over seeds) | IS-NLL | per-seed NLL |")
     print("|---|---|---|---|")
-    for name, label in (("a", "(a) pyro_vae fit"), ("b", "(b) hand-written PyTorch")):
+    labels = (("a", "(a) pyro_vae fit"), ("b", "(b) hand-written PyTorch"), ("e", "(e) pyro_vae fit, compiled"))
+    for name, label in labels:
         r = results[name]
         if not r["nll"]:
             continue
         per_seed = ", ".join(f"{v:.2f}" for v in r["nll"])
         print(f"| {label} | {fmt_mean_se(r['elbo'])} | {fmt_mean_se(r['nll'])} | {per_seed} |")
-    for metric in ("elbo", "nll") if args.contenders == "ab" else ():
-        spread = results["b"][metric]
-        inside = min(spread) <= statistics.mean(results["a"][metric]) <= max(spread)
-        print(
-            f"(a)'s mean {metric} {'lies within' if inside else 'lies OUTSIDE'} (b)'s seed spread "
-            f"[{min(spread):.2f}, {max(spread):.2f}]"
-        )
+    for tested, reference in (("a", "b"), ("e", "a")):
+        if tested not in args.contenders or reference not in args.contenders:
+            continue
+        for metric in ("elbo", "nll"):
+            spread = results[reference][metric]
+            inside = min(spread) <= statistics.mean(results[tested][metric]) <= max(spread)
+            print(
+                f"({tested})'s mean {metric} {'lies within' if inside else 'lies OUTSIDE'} ({reference})'s seed "
+                f"spread [{min(spread):.2f}, {max(spread):.2f}]"
+            )
     return 0
 
 

@@ -135,7 +135,7 @@ def _param_leaves(model, guide, args) -> list[torch.Tensor]:
     return list(leaves.values())
 
 
-def trace_step(elbo: ELBO, model, guide, params: list[torch.Tensor], x: torch.Tensor, num_data: int, index):
+def trace_step(elbo: ELBO, model, guide, params: list[torch.Tensor], x: torch.Tensor, num_data: int | None, index):
     """Trace one ELBO step of ``model`` and ``guide`` into an FX graph of ATen operations.
 
     The trace runs the step for real on ``x`` (``(B, D)``) and ``index`` (``(B,)``), with Pyro validation off and
@@ -182,7 +182,7 @@ def compile_step(
     elbo: ELBO,
     optimizer: SingleOptimizer,
     *,
-    num_data: int,
+    num_data: int | None,
     batch_size: int,
     device: torch.device | str,
     kl_schedule: Any = None,
@@ -197,7 +197,8 @@ def compile_step(
     :param VAE vae: the model, already on ``device``.
     :param ELBO elbo: the objective (see the module docstring for which compile).
     :param SingleOptimizer optimizer: the optimiser; its guard and fused step run after the graph, unchanged.
-    :param int num_data: N, the plate's full size (sets the N/B scale, a constant of the graph).
+    :param num_data: N, the plate's full size (sets the N/B scale, a constant of the graph); ``None`` makes each
+        batch the whole data set (N = B), as for the eager step.
     :param int batch_size: B, the static batch size; other batch sizes run eagerly.
     :param device: the device the step runs on. On CUDA the default mode is ``"reduce-overhead"`` (CUDA graphs).
     :param kl_schedule: the KL schedule, if any (a schedule falls back to eager).
@@ -245,7 +246,7 @@ class CompiledStep:
         graph: torch.fx.GraphModule,
         params: list[torch.Tensor],
         *,
-        num_data: int,
+        num_data: int | None,
         batch_size: int,
         mode: str | None,
     ):

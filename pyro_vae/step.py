@@ -11,6 +11,11 @@ the guide (``vae.model``, ``vae.guide``, weighted by the KL schedule when there 
 (:func:`~pyro_vae.objectives.make_objective`) and the optimiser (:func:`~pyro_vae.optim.adamw`, whose non-finite
 guard sees the loss through :class:`~pyro_vae.optim.GuardedSVI`). :func:`pyro_vae.train.fit`,
 ``benchmarks/train_speed.py`` and a user's own loop all call it, so they train alike, bit for bit.
+
+With ``TrainConfig(compile=True)`` the steps after the first run through a compiled graph
+(:func:`~pyro_vae.compile.compile_step`) where the configuration compiles, and eagerly (with one log line saying
+why) where it does not; the optimiser, its guard and :meth:`TrainStep.state_dict` are the same either way, so a
+checkpoint of a compiled run resumes eagerly and the other way round.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import pyro
 import torch
 
+from pyro_vae.compile import CompiledStep, compile_step
 from pyro_vae.config import TrainConfig
 from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.model import VAE
@@ -53,6 +59,16 @@ class TrainStep:
     the site or the parameter; with ``"skip"`` the call returns NaN and :attr:`skipped` grows (at most
     ``max_skips`` times, then it raises).
 
+    **Compilation** (``config.compile``). The first call runs eagerly, with validation, as always. The second call
+    traces the step once and hands it to ``torch.compile`` (:func:`~pyro_vae.compile.compile_step`; Inductor then
+    compiles on the first compiled call), for a static batch size: the larger of the first two calls' batch sizes,
+    so that a run resumed at an epoch's last, smaller batch still compiles for the full one. Every later batch of
+    that size runs the graph; a batch of another size (an epoch's last, partial batch) runs the eager step, on the
+    same optimiser. The noise comes from the same torch generator, so compiled and eager runs draw the same samples
+    and differ only by float32 reassociation in Inductor's fused kernels. A configuration that cannot compile (a
+    KL schedule, ``iwae:k:dreg``, DistributedDataParallel, an untraceable guide) logs one line and stays eager.
+    The compiled step adds no state: :meth:`state_dict` is the same with and without it.
+
     :param vae: the model to train, already on its device.
     :param config: the training settings.
     :param num_data: N, the number of images the minibatches are drawn from: the plate's size, which scales the
@@ -61,7 +77,9 @@ class TrainStep:
 
     :ivar SingleOptimizer optimizer: the optimiser (its state is part of :meth:`state_dict`).
     :ivar kl_schedule: the :class:`~pyro_vae.schedules.KLSchedule`, or ``None`` for the plain ELBO.
-    :ivar svi: the :class:`~pyro_vae.optim.GuardedSVI` that takes the steps.
+    :ivar objective: the :class:`pyro.infer.ELBO` (:func:`~pyro_vae.objectives.make_objective`).
+    :ivar svi: the :class:`~pyro_vae.optim.GuardedSVI` that takes the eager steps.
+    :ivar compiled: the :class:`~pyro_vae.compile.CompiledStep` once built, else ``None`` (eager, or not yet built).
     """
 
     def __init__(self, vae: VAE, config: TrainConfig, *, num_data: int | None = None):
@@ -88,8 +106,12 @@ class TrainStep:
         self.kl_schedule: KLSchedule | None = make_schedule(config.kl_schedule)
         if self.kl_schedule is not None:
             model, guide = kl_scaled(model, guide, self.kl_schedule)  # weights the latent site of both programs
-        self.svi = GuardedSVI(model, guide, self.optimizer, make_objective(config.objective, config.num_particles))
+        self.objective = make_objective(config.objective, config.num_particles)
+        self.svi = GuardedSVI(model, guide, self.optimizer, self.objective)
         self._validate = True
+        self.compiled: CompiledStep | None = None
+        self._compile_pending = config.compile
+        self._first_batch = 0
 
     def step(self, x: torch.Tensor, index: torch.Tensor | None = None) -> float:
         """One SVI step on the minibatch ``x``, then one step of the KL schedule.
@@ -103,8 +125,14 @@ class TrainStep:
         """
         if self._validate:
             return self._first_step(x, index)
+        if self._compile_pending:
+            self._build_compiled(x)
         with pyro.validation_enabled(False):
-            loss = self.svi.step(x, self.num_data, index) / (self.num_data or x.shape[0])  # nats per image
+            if self.compiled is not None:
+                index = index if index is not None else torch.arange(x.shape[0], device=x.device)
+                loss = self.compiled(x, index) / (self.num_data or x.shape[0])  # nats per image
+            else:
+                loss = self.svi.step(x, self.num_data, index) / (self.num_data or x.shape[0])  # nats per image
         if self.kl_schedule is not None:
             self.kl_schedule.step()
         return loss
@@ -114,10 +142,24 @@ class TrainStep:
         with pyro.validation_enabled(True):
             loss = self.svi.step(x, self.num_data, index) / (self.num_data or x.shape[0])  # nats per image
         self._validate = False
+        self._first_batch = x.shape[0]
         logger.info("first step checked with Pyro validation; later steps run with validation off")
         if self.kl_schedule is not None:
             self.kl_schedule.step()
         return loss
+
+    def _build_compiled(self, x: torch.Tensor) -> None:
+        """Trace and wrap the compiled step once (``None`` when it falls back: ``compile_step`` logs why)."""
+        self._compile_pending = False
+        self.compiled = compile_step(
+            self.vae,
+            self.objective,
+            self.optimizer,
+            num_data=self.num_data,
+            batch_size=max(self._first_batch, x.shape[0]),
+            device=x.device,
+            kl_schedule=self.kl_schedule,
+        )
 
     def _check_batch(self, x: torch.Tensor, index: torch.Tensor | None) -> None:
         """The minibatch's shapes, once: a wrong one would otherwise surface as a traceback from inside Pyro."""
