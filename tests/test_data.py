@@ -649,6 +649,7 @@ def test_bernoulli_needs_binary_data_without_binarisation(x):
         check_likelihood_data(_dataset(x), "never", "bernoulli")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batches_on_cuda_are_resumable_and_stay_on_the_device(x):
     x = x.cuda()
