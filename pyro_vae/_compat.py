@@ -34,6 +34,7 @@ from pyro.poutine.runtime import effectful
 from torch.distributions.utils import _sum_rightmost
 
 __all__ = [
+    "compile_mode_options",
     "announce_param",
     "fused_optimizer_devices",
     "module_param_name",
@@ -83,3 +84,12 @@ def sum_rightmost(value: torch.Tensor, dim: int) -> torch.Tensor:
     """Sum the ``dim`` rightmost dimensions of ``value``, exactly as :class:`~torch.distributions.Independent`
     reduces its base's log-density (the same reshape and sum, hence the same bits)."""
     return _sum_rightmost(value, dim)
+
+
+def compile_mode_options(mode: str | None) -> dict:
+    """The Inductor options a ``torch.compile`` mode stands for (``"reduce-overhead"`` → CUDA graphs), so that a
+    caller can add options of its own: ``torch.compile`` refuses ``mode=`` and ``options=`` together.
+    ``torch._inductor.list_mode_options`` is the table ``torch.compile``'s own docstring points to."""
+    import torch._inductor
+
+    return {} if mode is None else dict(torch._inductor.list_mode_options(mode))

@@ -51,6 +51,7 @@ from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
 
+from pyro_vae._compat import compile_mode_options
 from pyro_vae.model import VAE
 from pyro_vae.objectives import IWAE_ELBO
 from pyro_vae.optim import GuardedSVI, SingleOptimizer
@@ -264,7 +265,8 @@ class CompiledStep:
             for p in params:  # parameters stay at one address, so CUDA graphs need not copy them in per replay
                 torch._dynamo.mark_static_address(p)
         # fallback_random: Inductor calls ATen's normal_ (the default generator) instead of its own Philox stream.
-        self._compiled = torch.compile(graph, fullgraph=True, mode=mode, options={"fallback_random": True})
+        options = {**compile_mode_options(mode), "fallback_random": True}  # mode= and options= exclude each other
+        self._compiled = torch.compile(graph, fullgraph=True, options=options)
         self._eager = GuardedSVI(vae.model, vae.guide, optimizer, elbo)
         self._guarded = optimizer.guard(self._loss_and_grads)
 

@@ -93,3 +93,13 @@ def test_distribution_subclass_protocol_that_the_fast_classes_use():
     assert checked._batch_shape == (2,) and checked._event_shape == ()
     assert callable(checked._validate_sample) and callable(checked._get_checked_instance)
     assert "_instance" in inspect.signature(torch.distributions.Distribution.expand).parameters
+
+
+def test_compile_mode_options_are_inductors_table():
+    """``torch.compile`` refuses ``mode=`` with ``options=``; the compiled step merges the mode's options with its
+    own, so the table must say what each mode means."""
+    from pyro_vae._compat import compile_mode_options
+
+    assert compile_mode_options(None) == {}
+    assert compile_mode_options("reduce-overhead") == {"triton.cudagraphs": True}
+    assert compile_mode_options("max-autotune")["triton.cudagraphs"] is True
