@@ -52,7 +52,10 @@ part() {  # part NAME TIMEOUT_S COMMAND...: run under min(TIMEOUT_S, budget left
 # the GPU machine lacks, and one collection error would stop the whole session.
 mapfile -t CUDA_FILES < <(grep -l "mark\.cuda" tests/*.py)
 echo "cuda-marked test files: ${CUDA_FILES[*]}" >>"$LOGS/summary.txt"
-part tests_cuda 90 "$PY" -m pytest -m cuda -q -p no:cacheprovider "${CUDA_FILES[@]}"
+# -p no:warnings: under pytest's warning capture, CUDA-graph warm-up inside the compiled call ends in dynamo's
+# "Attempt to trace generator" (pytest's capture hook is a generator); the same tests pass without the plugin, and the
+# same step runs outside pytest (the train and benchmark parts below). Seen on the H200 with torch 2.11.
+part tests_cuda 90 "$PY" -m pytest -m cuda -q -p no:cacheprovider -p no:warnings "${CUDA_FILES[@]}"
 RUN="$(mktemp -d)"
 TINY=(--device cuda --n-train 2048 --n-test 500 --batch-size 128 --no-figures --no-progress)
 for kind in eager compile; do
