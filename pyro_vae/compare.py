@@ -55,7 +55,7 @@ import torch
 from pyro.infer import SVI
 
 from pyro_vae._memory import PeakRSS
-from pyro_vae.checkpoint import atomic_write_bytes
+from pyro_vae.checkpoint import atomic_write_bytes, environment_info
 from pyro_vae.compare_report import REFERENCE_GUIDE, CompareResult, CompareRow, SeedRun, summarise
 from pyro_vae.config import SEED_MAX, ModelConfig, RunConfig, check_int
 from pyro_vae.data import Dataset, binarize_eval, check_batch_size, check_likelihood_data, derive_seed, load_dataset
@@ -66,7 +66,7 @@ from pyro_vae.model import VAE
 from pyro_vae.objectives import make_objective
 from pyro_vae.optim import adamw
 from pyro_vae.stats import MeanSE
-from pyro_vae.train import environment_info, fit
+from pyro_vae.train import fit
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,9 @@
 """The training loop: :func:`fit` runs a :class:`TrainStep` (``SVI.step`` inside ``pyro.plate("data", size=N,
 subsample=idx)``, Pyro validation on for the first step only) over minibatches; callbacks do the rest.
 
-What happens around the loop (progress bar, metrics log, TensorBoard, checkpoints, early stopping, signals) lives in
-:mod:`pyro_vae.callbacks`; the run directory (lock, layout, atomic files, checkpoint chain) in
-:class:`~pyro_vae.run_dir.RunDir`, and the checkpoint payload in :class:`~pyro_vae.checkpoint.TrainingState`.
-Everything a bit-exact resume needs is in the checkpoint; see :func:`fit`.
+What happens around the loop lives in :mod:`pyro_vae.callbacks`; the run directory in
+:class:`~pyro_vae.run_dir.RunDir`; the checkpoint payload, everything a bit-exact resume needs, in
+:class:`~pyro_vae.checkpoint.TrainingState`.
 """
 
 from __future__ import annotations
@@ -61,9 +60,7 @@ __all__ = [
     "StepState",
     "TrainStep",
     "TrainingInterrupted",
-    "environment_info",
     "fit",
-    "resolve_device",
 ]
 
 
@@ -112,10 +109,9 @@ def fit(
     resumed run equals an uninterrupted one bit for bit. A checkpoint whose determinism-relevant settings
     (:func:`~pyro_vae.config.resume_differences`), world size or data differ is refused unless ``force_resume``.
 
-    On SIGINT or SIGTERM (with a run directory, in the main thread) the current step finishes, a checkpoint is
-    written and :class:`TrainingInterrupted` is raised; a second signal stops at once. A NaN or infinite loss or
-    gradient takes no step and raises :class:`~pyro_vae.errors.NonFiniteLossError` naming the step, epoch, batch,
-    images, site or parameter and the last good checkpoint (``train.on_nonfinite="skip"`` skips such batches).
+    SIGINT/SIGTERM finish the step, write a checkpoint and raise :class:`TrainingInterrupted`. A non-finite loss,
+    gradient or value takes no step and raises :class:`~pyro_vae.errors.NonFiniteLossError` naming the step,
+    images, site or parameter and the last good checkpoint (or is skipped: ``train.on_nonfinite="skip"``).
 
     :param vae: the model; moved to the configured device.
     :param data: a loaded :class:`~pyro_vae.data.Dataset`.

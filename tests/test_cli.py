@@ -205,7 +205,7 @@ def test_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):
 
 
 def test_device_auto_resolves():
-    from pyro_vae.train import resolve_device
+    from pyro_vae.distributed import resolve_device
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
