@@ -222,17 +222,17 @@ def paired(num: Contender, den: Contender) -> float:
     return statistics.median(ratios)
 
 
-_PEAK = "int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024"
+_PEAK = "status_mib('VmHWM')"  # pyro_vae._memory: the one way the package reads peak memory
 
 
-def peak_rss(steps: int) -> dict[str, float]:
+def peak_rss(steps: int, *, compiled: bool = True) -> dict[str, float]:
     """Peak RSS (VmHWM, MiB) of fresh processes: after ``import torch`` only (the floor), after ``steps`` steps of
     the hand-written loop (b), and after ``steps`` steps of ``pyro_vae.fit`` without (a) and with compile (e) on the
     embedded data (Inductor's compilation included: it runs in the process).
 
     ``ru_maxrss`` is not used: Linux carries the parent's high-water mark across ``exec``.
     """
-    prelude = "import re, sys, torch\n"
+    prelude = "import sys, torch\nfrom pyro_vae._memory import status_mib\n"
     floor = prelude + f"print({_PEAK})"
     hand = prelude + (
         "sys.path.insert(0, sys.argv[1])\n"
@@ -263,7 +263,9 @@ def peak_rss(steps: int) -> dict[str, float]:
     here = str(Path(__file__).resolve().parent)
     out = {}
     codes = (("import torch", floor), ("hand-written (b)", hand), ("pyro_vae fit (a)", fit(False)))
-    for name, code in codes + (("pyro_vae fit --compile (e)", fit(True)),):
+    if compiled:  # --quick leaves it out: the table's (e) compiles already, and a second Inductor run costs ~20 s
+        codes += (("pyro_vae fit --compile (e)", fit(True)),)
+    for name, code in codes:
         proc = subprocess.run([sys.executable, "-c", code, here], capture_output=True, text=True, check=True)
         out[name] = float(proc.stdout.split()[-1])
     return out
@@ -381,7 +383,7 @@ def extras(x, rounds: int, chunk: int, warmup: int, quick: bool) -> None:
             f"{paired(r['a'], r['b']):.3f} |"
         )
 
-    peaks = peak_rss(20 if quick else 300)
+    peaks = peak_rss(20 if quick else 300, compiled=not quick)
     floor = peaks["import torch"]
     print("\n| process | peak RSS MiB | over the import-torch floor |")
     print("|---|---|---|")

@@ -144,10 +144,25 @@ SESSION_WORKER = textwrap.dedent(
             seen["ddp_gradients_agree"] = gradients_agree()
         seen["gradients_agree_after_ddp"] = gradients_agree()
     seen["initialised_after_own_session"] = dist.is_initialized()
+    with open(f"{sys.argv[1]}.{rank}", "w") as f:
+        json.dump(seen, f)
+    """
+)
+# A second launch: the caller makes its own group first (a fresh process: a group destroyed and made again in one
+# process under torchrun's store hung one rank now and then), and session() must use it and leave it in place.
+CALLERS_GROUP_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch.distributed as dist
+    from pyro_vae.config import RunConfig
+    from pyro_vae.distributed import session
+
     dist.init_process_group("gloo")  # the caller's own group, from torchrun's environment
-    with session(config) as ctx:
+    seen = {}
+    with session(RunConfig().replace(train={"device": "cpu"})) as ctx:
         seen["context_in_callers_group"] = ctx is not None and dist.get_world_size() == ctx.world_size
     seen["callers_group_left_in_place"] = dist.is_initialized()
+    rank = dist.get_rank()
     dist.destroy_process_group()
     with open(f"{sys.argv[1]}.{rank}", "w") as f:
         json.dump(seen, f)
@@ -161,23 +176,25 @@ def test_session_destroys_only_what_it_created_and_ddp_unwraps(tmp_path):
 
     from scipy import stats
 
-    script = tmp_path / "session_worker.py"
-    script.write_text(SESSION_WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    proc = subprocess.run(
-        [*cmd, str(tmp_path / "seen")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name, code in (("seen", SESSION_WORKER), ("callers", CALLERS_GROUP_WORKER)):
+        script = tmp_path / f"{name}_worker.py"
+        script.write_text(code)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+        proc = subprocess.run(
+            [*cmd, str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     values = (1e7 + torch.randn(7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).numpy()
     rank0 = values[0::2]
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"seen.{rank}").read_text())
+        callers = json.loads((tmp_path / f"callers.{rank}").read_text())
         assert seen["initialised_inside"] and not seen["initialised_after_own_session"]
-        assert seen["context_in_callers_group"] and seen["callers_group_left_in_place"]
+        assert callers["context_in_callers_group"] and callers["callers_group_left_in_place"]
         assert seen["ddp_gradients_agree"] and not seen["gradients_agree_after_ddp"]
         # Two-pass float64 pooling keeps the spread to ~1e-9 relative; a sum-of-squares reduction at a mean of 1e7
         # would carry an error of about eps·(1e7)² ≈ 1e-2 of the variance, far outside rel=1e-6.

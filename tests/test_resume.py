@@ -377,3 +377,24 @@ def test_resume_flags_apply_on_top_of_the_saved_config(tmp_path):
     assert (train.epochs, train.batch_size, train.seed, train.threads) == (7, 32, 5, 1)
     assert (train.keep_last, train.checkpoint_every, train.on_nonfinite, train.max_skips) == (3, 5, "skip", 4)
     assert resume_differences(saved.to_dict(), merged.to_dict()) == []
+
+
+def test_force_resume_cannot_change_the_architecture(data, tmp_path):
+    """Issue 11 defect 8: --force-resume after a change of latent size was a load_state_dict traceback."""
+    out = tmp_path / "run"
+    fit(new_vae(config(epochs=1), data), data, config(epochs=1), out_dir=out)
+    wider = RunConfig(model=ModelConfig(latent_dim=3, hidden_dims=(32, 16)), train=config().train)
+    with pytest.raises(CheckpointError) as err:
+        fit(new_vae(wider, data), data, wider, out_dir=out, resume=True, force_resume=True)
+    message = str(err.value)
+    assert "\n" not in message and "another architecture" in message and "--out or --overwrite" in message
+
+
+def test_resuming_past_max_steps_without_a_larger_max_steps_is_refused(data, tmp_path):
+    """Issue 11 defect 13: `--resume D --epochs 6` after a --max-steps run silently did 0 steps."""
+    out = tmp_path / "run"
+    fit(new_vae(config(max_steps=6), data), data, config(max_steps=6), out_dir=out)
+    with pytest.raises(ConfigError, match=r"already took 6 steps and max_steps is 6; pass a larger --max-steps"):
+        fit(new_vae(config(), data), data, config(epochs=6, max_steps=6), out_dir=out, resume=True)
+    result = fit(new_vae(config(), data), data, config(epochs=6, max_steps=10), out_dir=out, resume=True)
+    assert result.steps == 10
