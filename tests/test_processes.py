@@ -195,7 +195,10 @@ def test_defect_2_lr_1e30_with_skip_completes_or_stops_in_one_line_never_a_trace
 @pytest.mark.parametrize(
     ("flags", "words"),
     [
-        (["--kl-schedule", "linear:0"], "the linear KL schedule's warm-up length must be a positive finite number, got 0.0"),
+        (
+            ["--kl-schedule", "linear:0"],
+            "the linear KL schedule's warm-up length must be a positive finite number, got 0.0",
+        ),
         (["--objective", "nope"], "unknown objective 'nope'; choose one of: iwae, meanfield, trace"),
         (["--objective", "iwae:0"], "in objective 'iwae:0', k must be a positive number of particles, got 0"),
     ],
