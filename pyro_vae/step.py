@@ -27,7 +27,7 @@ import pyro
 import torch
 
 from pyro_vae.compile import CompiledStep, compile_step
-from pyro_vae.config import TrainConfig
+from pyro_vae.config import TrainConfig, check_int
 from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.model import VAE
 from pyro_vae.objectives import make_objective
@@ -88,10 +88,7 @@ class TrainStep:
                 f"TrainStep needs a pyro_vae.TrainConfig, got {type(config).__name__}; pass TrainConfig(...), or "
                 "run_config.train for a RunConfig"
             )
-        if num_data is not None and (isinstance(num_data, bool) or not isinstance(num_data, int) or num_data <= 0):
-            raise ConfigError(
-                f"num_data must be a positive integer (the training set's size) or None, got {num_data!r}"
-            )
+        check_int("num_data (the training set's size)", num_data, low=1, allow_none=True)
         self.vae = vae
         self.config = config
         self.num_data = num_data

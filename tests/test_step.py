@@ -144,8 +144,14 @@ def test_hyperparameters_from_config_apply_this_configs_lr_and_weight_decay():
     ("build", "words"),
     [
         (lambda vae: TrainStep(vae, {"lr": 1e-3}), ["needs a pyro_vae.TrainConfig, got dict"]),
-        (lambda vae: TrainStep(vae, TrainConfig(), num_data=0), ["num_data must be a positive integer", "got 0"]),
-        (lambda vae: TrainStep(vae, TrainConfig(), num_data=True), ["num_data must be a positive integer"]),
+        (
+            lambda vae: TrainStep(vae, TrainConfig(), num_data=0),
+            ["num_data (the training set's size) must be a positive integer", "got 0"],
+        ),
+        (
+            lambda vae: TrainStep(vae, TrainConfig(), num_data=True),
+            ["num_data (the training set's size) must be a positive integer"],
+        ),
     ],
 )
 def test_bad_construction_is_one_line(build, words):
