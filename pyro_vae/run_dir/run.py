@@ -124,7 +124,8 @@ class Run:
             raise DataError(
                 f"the data read from {source} (fingerprint {fingerprint[:16]}) are not the data run "
                 f"{self.state.run_id or self.path} was trained on ({recorded.path or recorded.name}, fingerprint "
-                f"{recorded.sha256[:16]}); pass the run's own data"
+                f"{recorded.sha256[:16]}); pass the run's own data: run.data(DataConfig(...)) with the settings it was "
+                "trained on (fit records config.data, which must describe the data it was given)"
             )
         return data
 
