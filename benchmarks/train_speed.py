@@ -290,6 +290,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes at L=16 (default: the table)")
     parser.add_argument("--contenders", default="abcde", help="which of a-e race (default abcde; a is required)")
     parser.add_argument("--table-only", action="store_true", help="leave out the families, peak RSS and --help time")
+    parser.add_argument("--families-only", action="store_true", help="only the table of every family (a, b and e)")
     args = parser.parse_args(argv)
     if "a" not in args.contenders or set(args.contenders) - set(MAKERS):
         parser.error(f"--contenders must name a and any of {''.join(MAKERS)}, got {args.contenders!r}")
@@ -341,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"# {rounds} rounds × {chunk} steps per contender, rotating order; times in ms per step")
 
+    if args.families_only:
+        families(x, rounds, chunk, warmup, args.quick)
+        return 0
     who = args.contenders
     if args.batch_sizes:
         settings = [(int(b), 16, "mvn_diag", who) for b in args.batch_sizes.split(",")]
@@ -367,21 +371,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def extras(x, rounds: int, chunk: int, warmup: int, quick: bool) -> None:
-    """Every family against the hand-written loop, the peak RSS of fresh processes and the ``--help`` time."""
+def families(x, rounds: int, chunk: int, warmup: int, quick: bool) -> None:
+    """Every family at B=128, L=16: step a and the compiled step e with that family, b the hand-written seed family
+    (``--quick``: the seed family, without e, whose compilation the main table already smoke-tests)."""
     from pyro_vae.guides import family_names
 
-    families = ["mvn_diag"] if quick else family_names()
-    print("\n# every registered family at B=128, L=16: step a with that family, b is the hand-written seed family")
-    print("| guide | a ms (IQR) | b ms | a/b |")
-    print("|---|---|---|---|")
-    for guide in families:
-        r = run_setting(x, 128, 16, guide, "ab", rounds, chunk, warmup)["racers"]
+    names, who = (["mvn_diag"], "ab") if quick else (family_names(), "abe")
+    print("\n# every registered family at B=128, L=16: a and e with that family, b is the hand-written seed family")
+    print("| guide | a ms (IQR) | b ms | e ms | a/b | e/b | e compile s |")
+    print("|---|---|---|---|---|---|---|")
+    for guide in names:
+        result = run_setting(x, 128, 16, guide, who, rounds, chunk, warmup)
+        r = result["racers"]
         a, b = summary(r["a"]), summary(r["b"])
+        e = f"{summary(r['e'])[0] * 1e3:.2f}" if "e" in r else "–"
+        e_b = f"{paired(r['e'], r['b']):.3f}" if "e" in r else "–"
+        compile_s = f"{result['compile_s']:.1f}" if result.get("compile_s") is not None else "–"
         print(
-            f"| {guide} | {a[0] * 1e3:.2f} ({a[1] * 1e3:.2f}–{a[2] * 1e3:.2f}) | {b[0] * 1e3:.2f} | "
-            f"{paired(r['a'], r['b']):.3f} |"
+            f"| {guide} | {a[0] * 1e3:.2f} ({a[1] * 1e3:.2f}–{a[2] * 1e3:.2f}) | {b[0] * 1e3:.2f} | {e} | "
+            f"{paired(r['a'], r['b']):.3f} | {e_b} | {compile_s} |"
         )
+
+
+def extras(x, rounds: int, chunk: int, warmup: int, quick: bool) -> None:
+    """Every family against the hand-written loop, the peak RSS of fresh processes and the ``--help`` time."""
+
+    families(x, rounds, chunk, warmup, quick)
 
     peaks = peak_rss(20 if quick else 300, compiled=not quick)
     floor = peaks["import torch"]
