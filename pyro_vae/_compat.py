@@ -34,6 +34,7 @@ from pyro.poutine.runtime import effectful
 from torch.distributions.utils import _sum_rightmost
 
 __all__ = [
+    "compile_errors",
     "compile_mode_options",
     "announce_param",
     "fused_optimizer_devices",
@@ -93,3 +94,13 @@ def compile_mode_options(mode: str | None) -> dict:
     import torch._inductor
 
     return {} if mode is None else dict(torch._inductor.list_mode_options(mode))
+
+
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions with which ``torch.compile`` reports, at the first call, that it could not compile a graph
+    (dynamo's ``Unsupported`` and ``BackendCompilerFailed``, Inductor's ``InductorError``): the compiled step falls
+    back to eager on these, and only these."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    return (torch._inductor.exc.InductorError, torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported)

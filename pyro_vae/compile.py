@@ -51,7 +51,7 @@ from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
 
-from pyro_vae._compat import compile_mode_options
+from pyro_vae._compat import compile_errors, compile_mode_options
 from pyro_vae.model import VAE
 from pyro_vae.objectives import IWAE_ELBO
 from pyro_vae.optim import GuardedSVI, SingleOptimizer
@@ -260,6 +260,8 @@ class CompiledStep:
         self.mode = mode
         self.compiled_steps = 0
         self.eager_steps = 0
+        self.failed: str | None = None  # why Inductor could not compile the graph, once it could not
+        self._untried = True
         self._cuda_graphs = mode in ("reduce-overhead", "max-autotune")
         if self._cuda_graphs:
             for p in params:  # parameters stay at one address, so CUDA graphs need not copy them in per replay
@@ -282,12 +284,31 @@ class CompiledStep:
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> float:
         """Take one step on the minibatch ``x`` (``(B, D)``) at positions ``index`` (``(B,)``) of the data set.
 
+        The first full-size call compiles. A graph Inductor cannot compile (the spline family's data-dependent
+        shapes, in torch 2.14) is a fallback to the eager step for the rest of the run, with one log line, on the
+        noise the failed call would have drawn.
+
         :returns: the loss (negative ELBO estimate) as a float.
         :raises NonFiniteLossError: from the guard, as in the eager step.
         """
-        if x.shape[0] != self.batch_size or is_validation_enabled():
+        if x.shape[0] != self.batch_size or is_validation_enabled() or self.failed is not None:
             self.eager_steps += 1
             return self._eager.step(x, self.num_data, index)
+        if self._untried:
+            self._untried = False
+            rng = torch.get_rng_state()
+            try:
+                return self._compiled_step(x, index)
+            except compile_errors() as err:
+                self.failed = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+                logger.info("compile: falling back to the eager step: Inductor could not compile (%s)", self.failed)
+                for p in self.params:
+                    p.grad = None
+                torch.set_rng_state(rng)
+                return self(x, index)
+        return self._compiled_step(x, index)
+
+    def _compiled_step(self, x: torch.Tensor, index: torch.Tensor) -> float:
         loss = float(self._guarded(self.vae.model, self.vae.guide, x, self.num_data, index))
         self.optimizer(self.params)
         self.compiled_steps += 1

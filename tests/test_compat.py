@@ -103,3 +103,19 @@ def test_compile_mode_options_are_inductors_table():
     assert compile_mode_options(None) == {}
     assert compile_mode_options("reduce-overhead") == {"triton.cudagraphs": True}
     assert compile_mode_options("max-autotune")["triton.cudagraphs"] is True
+
+
+def test_compile_errors_are_exception_classes_torch_raises():
+    """The compiled step falls back on these and only these: each must still exist and be an exception class."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    from pyro_vae._compat import compile_errors
+
+    errors = compile_errors()
+    assert errors == (
+        torch._inductor.exc.InductorError,
+        torch._dynamo.exc.BackendCompilerFailed,
+        torch._dynamo.exc.Unsupported,
+    )
+    assert all(isinstance(e, type) and issubclass(e, Exception) for e in errors)

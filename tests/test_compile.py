@@ -428,3 +428,30 @@ def test_cuda_compiled_train_step_matches_eager():
     assert step.compiled.mode == "reduce-overhead"
     assert (step.compiled.compiled_steps, step.compiled.eager_steps) == (38, 1)
     assert_compiled_matches_eager(got, expected)
+
+
+def test_a_graph_inductor_cannot_compile_falls_back_to_eager_with_one_line(caplog):
+    """torch 2.14's Inductor fails on the spline family's graph ("possible memo disaster") at the first compiled call;
+    the step then runs eagerly for the rest of the run, with one log line, on the noise the failed call would have
+    drawn: its losses equal a plain eager run's, bit for bit."""
+    import torch._inductor.exc
+
+    def cannot_compile(*args):
+        raise torch._inductor.exc.InductorError(AssertionError("u9 possible memo disaster"), None)
+
+    x, seeds = data(), range(40, 44)
+    eager_vae, vae = tiny_vae(), tiny_vae()
+    eager = GuardedSVI(eager_vae.model, eager_vae.guide, adamw(1e-2), Trace_ELBO())
+    with pyro.validation_enabled(False):
+        expected = run_steps(lambda xb, rows: eager.step(xb, N, rows), x, seeds)
+        step = compile_step(vae, Trace_ELBO(), adamw(1e-2), num_data=N, batch_size=B, device="cpu")
+        step._compiled = cannot_compile
+        with caplog.at_level(logging.INFO, logger="pyro_vae.compile"):
+            got = run_steps(step, x, seeds)
+    assert got == expected
+    assert (step.compiled_steps, step.eager_steps) == (0, 4)
+    assert step.failed == "InductorError: AssertionError: u9 possible memo disaster"
+    assert [r.getMessage() for r in caplog.records] == [
+        "compile: falling back to the eager step: Inductor could not compile "
+        "(InductorError: AssertionError: u9 possible memo disaster)"
+    ]
