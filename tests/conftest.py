@@ -12,6 +12,14 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
+def _threads_restored():
+    """fit(threads=N) and the command line set torch's process-wide thread count; every test gets the suite's back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _seeded_and_validated():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)

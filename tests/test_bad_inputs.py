@@ -15,7 +15,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-import torch
 
 from pyro_vae import cli
 from pyro_vae.data import write_idx
@@ -23,13 +22,6 @@ from pyro_vae.errors import ConfigError, DataError
 
 TINY = ["--n-train", "64", "--n-test", "32", "--epochs", "1", "--batch-size", "32", "--latent-dim", "2"]
 TINY_NET = ["--hidden-dims", "32,16", "--threads", "1", "--no-figures"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def run(capsys, *argv):

@@ -32,14 +32,6 @@ PATIENCE = 2
 STILL = {"lr": 1e-9, "early_stop": PATIENCE, "early_stop_min_delta": 1.0, "epochs": 6}  # stops after epoch 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """fit(threads=1) sets the process-wide thread count; give the rest of the suite its own back."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data():
     return load_dataset(DataConfig(n_train=N_TRAIN, n_test=N_TEST))

@@ -26,15 +26,6 @@ from pyro_vae.train import Callback, fit
 pytestmark = pytest.mark.filterwarnings("ignore:Encountered NaN")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread (and fit(threads=1) sets it process-wide): restore it afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 D, L = 10, 2
 
 

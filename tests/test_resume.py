@@ -28,14 +28,6 @@ SMALL = ModelConfig(latent_dim=2, hidden_dims=(32, 16))
 N_TRAIN, N_TEST, BATCH, EPOCHS = 256, 64, 64, 3  # 4 batches per epoch, 12 steps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """fit(threads=1) sets the process-wide thread count; give the rest of the suite its own back."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data():
     return load_dataset(DataConfig(n_train=N_TRAIN, n_test=N_TEST))
