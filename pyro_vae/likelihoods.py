@@ -17,7 +17,8 @@ from torch import nn
 from torch.distributions.utils import broadcast_all
 
 from pyro_vae._compat import sum_rightmost
-from pyro_vae.errors import unknown_choice
+from pyro_vae.config.specs import parse_component_spec
+from pyro_vae.errors import ConfigError, unknown_choice
 
 _REGISTRY: dict[str, type[Likelihood]] = {}
 
@@ -33,11 +34,14 @@ def likelihood_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_likelihood(name: str) -> Likelihood:
-    """Build a registered likelihood by name; unknown names get the list of choices."""
-    if name not in _REGISTRY:
-        raise unknown_choice("likelihood", name, _REGISTRY)
-    return _REGISTRY[name]()
+def make_likelihood(spec: str) -> Likelihood:
+    """Build a registered likelihood from its spec, ``name`` or ``name:option`` (the option is read by the
+    likelihood's :meth:`Likelihood.from_option`); unknown names get the list of choices."""
+    parsed = parse_component_spec(spec, "likelihood")
+    if parsed.name not in _REGISTRY:
+        raise unknown_choice("likelihood", parsed.name, _REGISTRY)
+    cls = _REGISTRY[parsed.name]
+    return cls() if parsed.option is None else cls.from_option(parsed.option)
 
 
 class Likelihood(nn.Module):
@@ -51,6 +55,11 @@ class Likelihood(nn.Module):
     name: ClassVar[str]
     params_per_dim: ClassVar[int] = 1
     requires_binary: ClassVar[bool] = False
+
+    @classmethod
+    def from_option(cls, option: str) -> Likelihood:
+        """The likelihood that the spec ``name:option`` describes; by default a likelihood takes no option."""
+        raise ConfigError(f"likelihood {cls.name!r} takes no ':option', got '{cls.name}:{option}'; use {cls.name!r}")
 
     def output_dim(self, input_dim: int) -> int:
         """Decoder output width for data of dimension ``input_dim``."""

@@ -2,7 +2,7 @@
 
 ::
 
-    model(x):  z ~ N(0, I)            # (B, L), inside pyro.plate("data", size=N, subsample=index)
+    model(x):  z ~ p(z)               # (B, L), inside pyro.plate("data", size=N, subsample=index)
                x ~ p(x | decoder(z))  # observed
     guide(x):  z ~ family(encoder(x)) # q(z | x), reparameterised
 
@@ -26,47 +26,20 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyro_vae._compat import announce_param, tag_module_param
 from pyro_vae.config import ModelConfig, check_int
 from pyro_vae.guides import GuideFamily, make_family
 from pyro_vae.likelihoods import Likelihood, make_likelihood
-from pyro_vae.networks import Decoder, Encoder
+from pyro_vae.networks import make_networks
+from pyro_vae.priors import Prior, StandardNormal, make_prior
 
-_LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))  # the very constant torch's Normal.log_prob subtracts
-
-
-class StandardNormal(dist.Normal):
-    """N(0, 1) whose ``log_prob`` is written out as ``−z²/2 − log √(2π)``.
-
-    It is a :class:`~pyro.distributions.Normal` with ``loc=0`` and ``scale=1`` (``isinstance``, ``expand``,
-    sampling and every registered KL work unchanged) and gives ``Normal(0, 1).log_prob`` bit for bit: with a zero
-    mean and a unit scale the general formula's subtraction, division by 2·σ² and ``− log σ`` are exact. The prior's
-    log-density is on every training step, and the general formula costs about twice the autograd nodes.
-
-    :param like: a tensor whose dtype and device the distribution takes.
-    """
-
-    def __init__(self, like: torch.Tensor, validate_args: bool | None = None):
-        super().__init__(like.new_zeros(()), like.new_ones(()), validate_args=validate_args)
-
-    def expand(self, batch_shape, _instance=None):
-        return super().expand(batch_shape, self.__new__(type(self)) if _instance is None else _instance)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        log_p = value.square().mul(-0.5).sub(_LOG_SQRT_2PI)
-        if value.shape != self._batch_shape:  # a value that does not cover the batch broadcasts against it
-            log_p = log_p.expand(torch.broadcast_shapes(value.shape, self._batch_shape))
-        return log_p
-
+__all__ = ["VAE", "StandardNormal", "posterior_mean"]  # StandardNormal lives in pyro_vae.priors; kept importable here
 
 # Which submodules' parameters each Pyro program announces: the model owns the decoder and the likelihood, the
 # guide the encoder and the family.
-_PARAM_GROUPS = {"model": ("decoder", "likelihood"), "guide": ("encoder", "family")}
+_PARAM_GROUPS = {"model": ("prior", "decoder", "likelihood"), "guide": ("encoder", "family")}
 _ROUTABLE = ("encoder", "decoder", "family", "likelihood")
 
 
@@ -81,8 +54,13 @@ class VAE(nn.Module):
     :param guide: a family name for :func:`pyro_vae.guides.make_family` (e.g. ``"mvn_diag"``, ``"low_rank:4"``)
         or a ready :class:`~pyro_vae.guides.GuideFamily`.
     :param dict guide_options: options for the family when ``guide`` is a name.
-    :param likelihood: a likelihood name (``"bernoulli"``, ``"continuous_bernoulli"``) or a
-        :class:`~pyro_vae.likelihoods.Likelihood`.
+    :param likelihood: a likelihood spec of :func:`pyro_vae.likelihoods.likelihood_names` (``"bernoulli"``,
+        ``"continuous_bernoulli"``, ...) or a :class:`~pyro_vae.likelihoods.Likelihood`.
+    :param prior: a prior spec of :func:`pyro_vae.priors.prior_names` (``"standard"``, ``"mog:10"``, ...) or a
+        ready :class:`~pyro_vae.priors.Prior`.
+    :param str network: the encoder/decoder pair, a name of :func:`pyro_vae.networks.network_names`.
+    :param image_shape: one image's shape ``(C, H, W)`` (or ``(H, W)``), with product ``input_dim``; needed by
+        networks that see the image as an image (``conv``). Default: flat ``(input_dim,)``.
     """
 
     def __init__(
@@ -94,6 +72,9 @@ class VAE(nn.Module):
         guide: str | GuideFamily = "mvn_diag",
         guide_options: dict | None = None,
         likelihood: str | Likelihood = "bernoulli",
+        prior: str | Prior = "standard",
+        network: str = "mlp",
+        image_shape: Sequence[int] | None = None,
     ):
         super().__init__()
         check_int("input_dim", input_dim, low=1)
@@ -104,7 +85,13 @@ class VAE(nn.Module):
         #: The :class:`~pyro_vae.config.ModelConfig` this VAE was built from, or ``None`` when it was given objects
         #: (a ready family or likelihood) that a config cannot describe.
         self.config: ModelConfig | None = None
-        if isinstance(guide, str) and isinstance(likelihood, str):
+        input_shape = tuple(image_shape) if image_shape is not None else (input_dim,)
+        if math.prod(input_shape) != input_dim:
+            raise ValueError(
+                f"image_shape {input_shape} has {math.prod(input_shape)} values but input_dim is {input_dim}"
+            )
+        self.image_shape = input_shape if image_shape is not None else None
+        if isinstance(guide, str) and isinstance(likelihood, str) and isinstance(prior, str):
             self.config = ModelConfig(
                 latent_dim=latent_dim,
                 hidden_dims=tuple(hidden_dims),
@@ -112,22 +99,33 @@ class VAE(nn.Module):
                 guide=guide,
                 guide_options=dict(guide_options or {}),
                 likelihood=likelihood,
+                prior=prior,
+                network=network,
             )
         self.latent_dim = latent_dim
         self.family = family
         self.likelihood = make_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
-        self.encoder = Encoder(input_dim, hidden_dims, family.num_params, activation)
-        self.decoder = Decoder(
-            latent_dim, tuple(reversed(tuple(hidden_dims))), self.likelihood.output_dim(input_dim), activation
+        self.prior = make_prior(prior, latent_dim) if isinstance(prior, str) else prior
+        if self.prior.latent_dim != latent_dim:
+            raise ValueError(f"the prior has latent_dim={self.prior.latent_dim} but the VAE has {latent_dim}")
+        self.encoder, self.decoder = make_networks(
+            network,
+            input_shape=input_shape,
+            latent_dim=latent_dim,
+            num_params=family.num_params,
+            output_dim=self.likelihood.output_dim(input_dim),
+            hidden_dims=hidden_dims,
+            activation=activation,
         )
+        self.prior.attach(self.encode, input_dim)
         self._arange_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._prior_cache: dict[tuple, dist.TorchDistribution] = {}
         self._routes: dict[str, nn.Module] = {}
         self._param_cache: dict[str, list[tuple[str, torch.Tensor]]] = {}
 
     @classmethod
-    def from_config(cls, config: ModelConfig, input_dim: int) -> VAE:
-        """Build the VAE a :class:`~pyro_vae.config.ModelConfig` describes, for data of dimension ``input_dim``."""
+    def from_config(cls, config: ModelConfig, input_dim: int, image_shape: Sequence[int] | None = None) -> VAE:
+        """Build the VAE a :class:`~pyro_vae.config.ModelConfig` describes, for data of dimension ``input_dim``
+        (images of shape ``image_shape``, where the network needs it)."""
         return cls(
             input_dim,
             latent_dim=config.latent_dim,
@@ -136,6 +134,9 @@ class VAE(nn.Module):
             guide=config.guide,
             guide_options=dict(config.guide_options),
             likelihood=config.likelihood,
+            prior=config.prior,
+            network=config.network,
+            image_shape=image_shape,
         )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -156,7 +157,6 @@ class VAE(nn.Module):
     def _apply(self, fn, recurse=True):
         self._param_cache = {}
         self._arange_cache = {}
-        self._prior_cache = {}
         return super()._apply(fn, recurse)
 
     def _plate(self, x: torch.Tensor, num_data: int | None, index: torch.Tensor | None) -> pyro.plate:
@@ -167,18 +167,6 @@ class VAE(nn.Module):
             if index is None:
                 index = self._arange_cache[key] = torch.arange(batch, device=x.device)
         return pyro.plate("data", size=num_data if num_data is not None else batch, subsample=index)
-
-    def _prior(self, x: torch.Tensor) -> dist.TorchDistribution:
-        """N(0, I) over ``(B, L)``; cached per batch size, device, dtype and validation setting (distributions are
-        immutable). A distribution keeps the validation setting it was built under: a prior built during the
-        validated first step and reused afterwards would go on validating, and a NaN latent would then raise Pyro's
-        ``ValueError`` instead of reaching the non-finite guard as a NaN loss."""
-        key = (x.shape[0], x.device, x.dtype, is_validation_enabled())
-        prior = self._prior_cache.get(key)
-        if prior is None:
-            prior = StandardNormal(x).expand([x.shape[0], self.latent_dim]).to_event(1)
-            self._prior_cache[key] = prior
-        return prior
 
     def model(self, x: torch.Tensor, num_data: int | None = None, index: torch.Tensor | None = None) -> None:
         """The generative model p(z) p(x | z) for a minibatch.
@@ -191,8 +179,7 @@ class VAE(nn.Module):
         for name, p in self._param_sites("model"):
             announce_param(name, p, constraint=constraints.real, event_dim=None, name=name)
         with self._plate(x, num_data, index):
-            prior = self._prior(x)
-            z = pyro.sample("z", prior)  # (B, L), or (P, B, L) with vectorised particles
+            z = pyro.sample("z", self.prior(x.shape[0], x))  # (B, L), or (P, B, L) with vectorised particles
             pyro.sample("x", self._run("likelihood")(self._run("decoder")(z)), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None, index: torch.Tensor | None = None) -> None:
@@ -254,10 +241,9 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean images E[x | z] for ``n`` codes drawn from the prior N(0, I), ``(n, D)``."""
+        """Mean images E[x | z] for ``n`` codes drawn from the prior p(z), ``(n, D)``."""
         ref = next(self.decoder.parameters())
-        z = torch.randn(n, self.latent_dim, generator=generator, device=ref.device, dtype=ref.dtype)
-        return self.likelihood.mean(self.decoder(z))
+        return self.likelihood.mean(self.decoder(self.prior.sample_codes(n, ref, generator)))
 
 
 def posterior_mean(q: dist.TorchDistribution) -> torch.Tensor:

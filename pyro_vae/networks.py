@@ -3,15 +3,25 @@
 The networks know nothing about distributions. The encoder maps an image to a flat vector of raw parameters whose
 width the guide family chooses (``family.num_params``); the decoder maps a latent code to the raw parameters of the
 likelihood (logits for a Bernoulli). Meaning is imposed elsewhere: in the guide family and in the likelihood.
+
+The pair is chosen by name from a registry (``--network``): :func:`make_networks` builds it, :func:`network_names`
+lists the choices, :func:`register_network` adds one. Whatever the network, the encoder takes flat images ``(B, D)``
+(D = C·H·W, channel-first) and returns one flat raw vector per image, and the decoder returns
+``(..., D * params_per_dim)``, one block of D numbers per raw likelihood parameter (param-major: all of the first
+parameter's D values, then the second's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from pyro_vae.errors import unknown_choice
 
 _ACTIVATIONS = {
     "silu": nn.SiLU,
@@ -84,6 +94,86 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)  # (..., output_dim)
+
+
+class Networks(NamedTuple):
+    """An encoder ``(B, D) → (B, num_params)`` and a decoder ``(..., L) → (..., output_dim)``."""
+
+    encoder: nn.Module
+    decoder: nn.Module
+
+
+#: A network builder: keyword arguments ``input_shape`` (``(D,)`` or ``(C, H, W)``), ``latent_dim``, ``num_params``,
+#: ``output_dim``, ``hidden_dims``, ``activation``; returns :class:`Networks`.
+NetworkBuilder = Callable[..., Networks]
+_REGISTRY: dict[str, NetworkBuilder] = {}
+
+
+def register_network(name: str) -> Callable[[NetworkBuilder], NetworkBuilder]:
+    """Decorator that registers a network builder under ``name``."""
+
+    def add(builder: NetworkBuilder) -> NetworkBuilder:
+        _REGISTRY[name] = builder
+        return builder
+
+    return add
+
+
+def network_names() -> list[str]:
+    """Registered network names, sorted (the CLI's ``--network`` choices)."""
+    return sorted(_REGISTRY)
+
+
+def make_networks(
+    name: str,
+    *,
+    input_shape: Sequence[int],
+    latent_dim: int,
+    num_params: int,
+    output_dim: int,
+    hidden_dims: Sequence[int],
+    activation: str = "silu",
+) -> Networks:
+    """Build the registered encoder/decoder pair ``name``.
+
+    :param str name: a name of :func:`network_names`.
+    :param input_shape: one image's shape: ``(D,)`` for flat data, ``(C, H, W)`` for images.
+    :param int latent_dim: L.
+    :param int num_params: the encoder's output width (``family.num_params``).
+    :param int output_dim: the decoder's output width (``likelihood.output_dim(D)``).
+    :param hidden_dims: hidden widths from the input side.
+    :param str activation: non-linearity.
+    :raises ConfigError: an unknown name, with the closest match.
+    """
+    if name not in _REGISTRY:
+        raise unknown_choice("network", name, _REGISTRY)
+    return _REGISTRY[name](
+        input_shape=tuple(input_shape),
+        latent_dim=latent_dim,
+        num_params=num_params,
+        output_dim=output_dim,
+        hidden_dims=tuple(hidden_dims),
+        activation=activation,
+    )
+
+
+@register_network("mlp")
+def mlp_networks(
+    *,
+    input_shape: tuple[int, ...],
+    latent_dim: int,
+    num_params: int,
+    output_dim: int,
+    hidden_dims: tuple[int, ...],
+    activation: str,
+) -> Networks:
+    """The seed networks: an MLP :class:`Encoder` on the flattened image and an MLP :class:`Decoder` with the widths
+    reversed."""
+    input_dim = math.prod(input_shape)
+    return Networks(
+        Encoder(input_dim, hidden_dims, num_params, activation),
+        Decoder(latent_dim, tuple(reversed(hidden_dims)), output_dim, activation),
+    )
 
 
 @contextmanager

@@ -24,6 +24,7 @@ LAYERS = {
     "networks": 1,
     "likelihoods": 1,
     "guides": 1,
+    "priors": 1,
     "protocol": 1,
     # 2: Pyro programs
     "model": 2,

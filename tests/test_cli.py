@@ -147,12 +147,16 @@ def test_help_does_not_import_torch():
 def test_cli_choices_equal_the_registries():
     from pyro_vae.guides import family_names
     from pyro_vae.likelihoods import likelihood_names
+    from pyro_vae.networks import network_names
     from pyro_vae.objectives import objective_names
+    from pyro_vae.priors import prior_names
     from pyro_vae.schedules import schedule_names
 
     assert sorted(cli.GUIDE_CHOICES) == family_names()
     assert sorted(cli.LIKELIHOOD_CHOICES) == likelihood_names()
     assert sorted(cli.OBJECTIVE_CHOICES) == objective_names()
+    assert sorted(cli.PRIOR_CHOICES) == prior_names()
+    assert sorted(cli.NETWORK_CHOICES) == network_names()
     assert sorted(cli.KL_SCHEDULE_CHOICES) == schedule_names()
     registry_keys = {f.metadata.get("choices") for k in SECTIONS.values() for f in dataclasses.fields(k)} - {None}
     assert {key for key in registry_keys if isinstance(key, str)} == set(cli.REGISTRIES)

@@ -11,8 +11,9 @@ from pyro.infer import SVI, Trace_ELBO
 
 from pyro_vae.guides.gaussian import DiagonalMultivariateNormal, MVNDiag
 from pyro_vae.likelihoods import BernoulliImage, make_likelihood
-from pyro_vae.model import VAE, StandardNormal
+from pyro_vae.model import VAE
 from pyro_vae.optim import adamw
+from pyro_vae.priors import StandardNormal, StandardPrior
 
 
 class GeneralMVNDiag(MVNDiag):
@@ -23,11 +24,11 @@ class GeneralMVNDiag(MVNDiag):
         return dist.MultivariateNormal(loc, scale_tril=torch.diag_embed(scale))
 
 
-class GeneralPriorVAE(VAE):
+class GeneralStandardPrior(StandardPrior):
     """The prior built literally: Normal(0, 1).expand([B, L]).to_event(1)."""
 
-    def _prior(self, x):
-        return dist.Normal(x.new_zeros(()), x.new_ones(())).expand([x.shape[0], self.latent_dim]).to_event(1)
+    def forward(self, batch_size, like):
+        return dist.Normal(like.new_zeros(()), like.new_ones(())).expand([batch_size, self.latent_dim]).to_event(1)
 
 
 def pair(dtype=torch.float64, batch=(4,), latent=5):
@@ -86,7 +87,7 @@ def test_default_step_has_the_losses_of_pyro_out_of_the_box():
     losses up to rounding."""
     torch.manual_seed(0)
     fast = VAE(20, latent_dim=3, hidden_dims=(16, 8))
-    general = GeneralPriorVAE(20, latent_dim=3, hidden_dims=(16, 8), guide=GeneralMVNDiag(3))
+    general = VAE(20, latent_dim=3, hidden_dims=(16, 8), guide=GeneralMVNDiag(3), prior=GeneralStandardPrior(3))
     general.load_state_dict(fast.state_dict())
     x = torch.bernoulli(torch.full((32, 20), 0.3), generator=torch.Generator().manual_seed(1))
     runs = []
@@ -176,11 +177,11 @@ def test_the_cached_prior_validates_only_while_validation_is_on():
     vae = VAE(20, latent_dim=3, hidden_dims=(16, 8))
     x = torch.zeros(4, 20)
     with pyro.validation_enabled(True):
-        checked = vae._prior(x)
-        assert vae._prior(x) is checked  # cached
+        checked = vae.prior(x.shape[0], x)
+        assert vae.prior(x.shape[0], x) is checked  # cached
     with pyro.validation_enabled(False):
-        unchecked = vae._prior(x)
-        assert unchecked is not checked and vae._prior(x) is unchecked
+        unchecked = vae.prior(x.shape[0], x)
+        assert unchecked is not checked and vae.prior(x.shape[0], x) is unchecked
         assert torch.isnan(unchecked.log_prob(torch.full((4, 3), float("nan")))).all()
     with pytest.raises(ValueError, match="support"):
         checked.log_prob(torch.full((4, 3), float("nan")))

@@ -82,6 +82,8 @@ def test_every_model_config_field_reaches_the_module_it_names():
         "guide": "low_rank",
         "guide_options": {"rank": 2},
         "likelihood": "continuous_bernoulli",
+        "prior": "mog:3",
+        "network": "conv",
     }
 
     def linears(module):
@@ -104,6 +106,8 @@ def test_every_model_config_field_reaches_the_module_it_names():
         "guide": lambda vae, v: vae.family.name == v,
         "guide_options": lambda vae, v: all(getattr(vae.family, key, None) == value for key, value in v.items()),
         "likelihood": lambda vae, v: vae.likelihood.name == v,
+        "prior": lambda vae, v: vae.prior.name == v.partition(":")[0] and vae.prior.num_components == 3,
+        "network": lambda vae, v: vae.config.network == v and not linears(vae.encoder)[0].in_features == D,
     }
     fields = [f.name for f in dataclasses.fields(ModelConfig)]
     assert sorted(checks) == sorted(values) == sorted(fields), "a ModelConfig field has no check here"

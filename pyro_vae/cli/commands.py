@@ -91,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(config.train.threads)
     data = load_dataset(config.data)
     pyro.set_rng_seed(config.train.seed)
-    vae = VAE.from_config(config.model, data.input_dim)
+    vae = VAE.from_config(config.model, data.input_dim, data.image_shape)
     logger.info(
         "training %s (L=%d) on %s: %d train / %d test images, %d epochs of batch %d",
         config.model.guide,

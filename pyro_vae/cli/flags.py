@@ -42,6 +42,10 @@ GUIDE_CHOICES = (
 )
 #: Registered likelihoods (checked against :func:`pyro_vae.likelihoods.likelihood_names` by a test).
 LIKELIHOOD_CHOICES = ("bernoulli", "continuous_bernoulli")
+#: Registered priors (checked against :func:`pyro_vae.priors.prior_names` by a test).
+PRIOR_CHOICES = ("standard",)
+#: Registered networks (checked against :func:`pyro_vae.networks.network_names` by a test).
+NETWORK_CHOICES = ("mlp",)
 #: Registered objectives (checked against :func:`pyro_vae.objectives.objective_names` by a test).
 OBJECTIVE_CHOICES = ("iwae", "meanfield", "trace")
 #: Registered KL schedules (checked against :func:`pyro_vae.schedules.schedule_names` by a test).
@@ -50,6 +54,8 @@ KL_SCHEDULE_CHOICES = ("constant", "cyclical", "free_bits", "linear")
 REGISTRIES = {
     "guides": GUIDE_CHOICES,
     "likelihoods": LIKELIHOOD_CHOICES,
+    "priors": PRIOR_CHOICES,
+    "networks": NETWORK_CHOICES,
     "objectives": OBJECTIVE_CHOICES,
     "kl_schedules": KL_SCHEDULE_CHOICES,
 }

@@ -63,7 +63,7 @@ def read_run_config(path: str | os.PathLike) -> RunConfig:
 def _build(config: RunConfig, state: TrainingState, source: Path) -> VAE:
     """The VAE the config describes, with the checkpoint's weights; one line when they do not fit."""
     try:
-        vae = VAE.from_config(config.model, state.input_dim)
+        vae = VAE.from_config(config.model, state.input_dim, state.image_shape)
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {source} describes a model this pyro_vae cannot build: {err}") from None
     state.load_weights(vae, source=source)
