@@ -168,7 +168,7 @@ class LinearGaussianVAE(VAE):
         It announces no parameters of its own (it reads the model's W, b and σ), so it is a reference for tests and
         tutorials rather than something to train.
         """
-        with self._plate(x, num_data, index):
+        with self.data_plate(x, num_data, index):
             pyro.sample("z", self.posterior(x))
 
     @torch.no_grad()

@@ -1,19 +1,35 @@
 """The variational autoencoder as a Pyro model and an amortised Pyro guide.
 
-::
+The two programs are a textbook Pyro VAE::
 
-    model(x):  z ~ p(z)               # (B, L), inside pyro.plate("data", size=N, subsample=index)
-               x ~ p(x | decoder(z))  # observed
-    guide(x):  z ~ family(encoder(x)) # q(z | x), reparameterised
+    def model(self, x, num_data=None, index=None):
+        self.announce_params("model")
+        with self.data_plate(x, num_data, index):
+            z = pyro.sample("z", self.prior(x.shape[0], x))              # (B, L)
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)   # observed, event (D,)
 
-Both programs run inside ``pyro.plate("data", size=num_data, subsample=index)``: with a minibatch of B images out
-of N, Pyro scales every log-density in the plate by N / B, so the minibatch ELBO is an unbiased estimate of the
-full-data ELBO. The model never computes its own loss: :class:`pyro.infer.SVI` with an ELBO does.
+    def guide(self, x, num_data=None, index=None):
+        self.announce_params("guide")
+        with self.data_plate(x, num_data, index):
+            pyro.sample("z", self.family(self.encoder(x)))              # q(z | x), reparameterised
 
-Parameters belong to the :class:`VAE` instance. They are announced to Pyro as ``param`` sites whose values are the
-module's own tensors (as :class:`pyro.nn.PyroModule` does with ``module_local_params``), and never go into the
-global param store. Building a new ``VAE`` in a notebook and training it again therefore trains the new network; with
-shared ``pyro.module`` names the old store entries would silently shadow it.
+With a minibatch of B images out of N, :meth:`VAE.data_plate` is ``pyro.plate("data", size=N, subsample=index)``, so
+Pyro scales every log-density in the plate by N / B and the minibatch ELBO is an unbiased estimate of the full-data
+ELBO. The model never computes its own loss: :class:`pyro.infer.SVI` with an ELBO does.
+
+What makes the step fast sits behind three named seams, none of which shows in the programs' text:
+
+* :meth:`VAE.announce_params` is the instance-local twin of ``pyro.module``. It announces the module's own tensors
+  as Pyro ``param`` sites (as :class:`pyro.nn.PyroModule` does with ``module_local_params``), never through the
+  global param store, from a list built once and cached: ``named_parameters()`` costs tens of microseconds a call.
+  Building a new ``VAE`` in a notebook and training it again therefore trains the new network; with shared
+  ``pyro.module`` names the old store entries would silently shadow it.
+* :meth:`VAE.data_plate` opens the data plate with a cached ``arange(B)`` index when no index is given (Pyro would
+  otherwise build one every call).
+* :meth:`VAE.route` sends a submodule's calls through a wrapper (``DistributedDataParallel`` under torchrun) by
+  giving that submodule an instance-level ``forward``: ``self.decoder(z)`` in the program runs the wrapper, whose
+  own call of the submodule reaches the real ``forward``. The wrapper is not a submodule, so ``state_dict`` keys,
+  ``parameters()`` and checkpoints are the same with and without routes, and an unrouted VAE pays nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ from torch import nn
 
 from pyro_vae._compat import announce_param, tag_module_param
 from pyro_vae.config import ModelConfig, check_int
+from pyro_vae.errors import unknown_choice
 from pyro_vae.guides import GuideFamily, make_family
 from pyro_vae.likelihoods import Likelihood, make_likelihood
 from pyro_vae.networks import make_networks
@@ -37,8 +54,8 @@ from pyro_vae.priors import Prior, StandardNormal, make_prior
 
 __all__ = ["VAE", "StandardNormal", "posterior_mean"]  # StandardNormal lives in pyro_vae.priors; kept importable here
 
-# Which submodules' parameters each Pyro program announces: the model owns the decoder and the likelihood, the
-# guide the encoder and the family.
+# Which submodules' parameters each Pyro program announces: the model owns the prior, the decoder and the likelihood,
+# the guide the encoder and the family.
 _PARAM_GROUPS = {"model": ("prior", "decoder", "likelihood"), "guide": ("encoder", "family")}
 _ROUTABLE = ("encoder", "decoder", "family", "likelihood")
 
@@ -141,33 +158,6 @@ class VAE(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------
     # Pyro programs
-    def _param_sites(self, group: str) -> list[tuple[str, torch.Tensor]]:
-        # Cached because named_parameters() costs tens of microseconds per call on the hot path; invalidated by
-        # _apply (.to(), .cuda(), .double(), ...), which may swap the parameter tensors.
-        sites = self._param_cache.get(group)
-        if sites is None:
-            sites = []
-            for prefix in _PARAM_GROUPS[group]:
-                for name, p in getattr(self, prefix).named_parameters():
-                    tag_module_param(p, f"{prefix}.{name}")  # the name orders SingleOptimizer's state
-                    sites.append((f"{prefix}.{name}", p))
-            self._param_cache[group] = sites
-        return sites
-
-    def _apply(self, fn, recurse=True):
-        self._param_cache = {}
-        self._arange_cache = {}
-        return super()._apply(fn, recurse)
-
-    def _plate(self, x: torch.Tensor, num_data: int | None, index: torch.Tensor | None) -> pyro.plate:
-        batch = x.shape[0]
-        if index is None:
-            key = (batch, x.device)
-            index = self._arange_cache.get(key)
-            if index is None:
-                index = self._arange_cache[key] = torch.arange(batch, device=x.device)
-        return pyro.plate("data", size=num_data if num_data is not None else batch, subsample=index)
-
     def model(self, x: torch.Tensor, num_data: int | None = None, index: torch.Tensor | None = None) -> None:
         """The generative model p(z) p(x | z) for a minibatch.
 
@@ -176,57 +166,107 @@ class VAE(nn.Module):
             N / B.
         :param index: positions of the minibatch in the data set, ``(B,)`` (default ``arange(B)``).
         """
-        for name, p in self._param_sites("model"):
-            announce_param(name, p, constraint=constraints.real, event_dim=None, name=name)
-        with self._plate(x, num_data, index):
+        self.announce_params("model")
+        with self.data_plate(x, num_data, index):
             z = pyro.sample("z", self.prior(x.shape[0], x))  # (B, L), or (P, B, L) with vectorised particles
-            pyro.sample("x", self._run("likelihood")(self._run("decoder")(z)), obs=x)
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None, index: torch.Tensor | None = None) -> None:
-        """The amortised guide q(z | x): ``family(encoder(x))``. Takes the same arguments as :meth:`model`."""
-        for name, p in self._param_sites("guide"):
-            announce_param(name, p, constraint=constraints.real, event_dim=None, name=name)
-        with self._plate(x, num_data, index):
-            pyro.sample("z", self._posterior(x))
+        """The amortised guide q(z | x) = ``family(encoder(x))``. Takes the same arguments as :meth:`model`."""
+        self.announce_params("guide")
+        with self.data_plate(x, num_data, index):
+            pyro.sample("z", self.family(self.encoder(x)))  # raw encoder output: (B, family.num_params(L))
 
     # ----------------------------------------------------------------------------------------------------------
-    # Plain-torch helpers (no Pyro effects)
-    def _run(self, name: str):
-        """The callable that runs submodule ``name``: the module itself, or the wrapper set by :meth:`route`."""
-        wrapper = self._routes.get(name)
-        return getattr(self, name) if wrapper is None else wrapper
+    # The seams behind the programs
+    def announce_params(self, program: str) -> None:
+        """Announce the parameters that ``program`` owns as Pyro ``param`` sites holding the module's own tensors,
+        so that :class:`~pyro.infer.SVI` optimises them; the instance-local twin of ``pyro.module``.
 
-    def route(self, **wrappers) -> None:
-        """Run the forward passes of submodules through wrappers, e.g.
-        ``vae.route(encoder=DistributedDataParallel(vae.encoder))``.
+        The model owns the prior's, the decoder's and the likelihood's parameters, the guide the encoder's and the
+        family's. Site names are the ``state_dict`` keys (``decoder.net.0.weight``, ...). Nothing goes into Pyro's
+        global param store. Outside any Pyro handler this does nothing.
+
+        :param str program: ``"model"`` or ``"guide"``.
+        """
+        sites = self._param_cache.get(program)
+        if sites is None:
+            sites = self._param_sites(program)
+        for name, p in sites:
+            announce_param(name, p, constraint=constraints.real, event_dim=None, name=name)
+
+    def _param_sites(self, program: str) -> list[tuple[str, torch.Tensor]]:
+        # Cached because named_parameters() costs tens of microseconds per call on the hot path; invalidated by
+        # _apply (.to(), .cuda(), .double(), ...), which may swap the parameter tensors.
+        if program not in _PARAM_GROUPS:
+            raise unknown_choice("Pyro program", program, _PARAM_GROUPS)
+        sites = []
+        for prefix in _PARAM_GROUPS[program]:
+            for name, p in getattr(self, prefix).named_parameters():
+                tag_module_param(p, f"{prefix}.{name}")  # the name orders SingleOptimizer's state
+                sites.append((f"{prefix}.{name}", p))
+        self._param_cache[program] = sites
+        return sites
+
+    def _apply(self, fn, recurse=True):
+        self._param_cache = {}
+        self._arange_cache = {}
+        return super()._apply(fn, recurse)
+
+    def data_plate(self, x: torch.Tensor, num_data: int | None = None, index: torch.Tensor | None = None) -> pyro.plate:
+        """The plate over the minibatch: ``pyro.plate("data", size=num_data, subsample=index)``.
+
+        :param x: the minibatch, ``(B, ...)``.
+        :param num_data: N, the size of the data set (default B). Every log-density in the plate is scaled by N / B.
+        :param index: the minibatch's positions in the data set, ``(B,)``. Default ``arange(B)``, built once per
+            (B, device) and cached.
+        """
+        if index is None:
+            key = (x.shape[0], x.device)
+            index = self._arange_cache.get(key)
+            if index is None:
+                index = self._arange_cache[key] = torch.arange(x.shape[0], device=x.device)
+        return pyro.plate("data", size=num_data if num_data is not None else x.shape[0], subsample=index)
+
+    def route(self, **wrappers: nn.Module | None) -> None:
+        """Run submodules' forward passes through wrappers, e.g.
+        ``vae.route(encoder=DistributedDataParallel(vae.encoder))``: from then on ``vae.encoder(x)``, in the Pyro
+        programs and everywhere else, calls the wrapper, and the wrapper's own call of ``vae.encoder`` runs the
+        encoder's real ``forward``.
 
         The wrappers are not submodules: ``state_dict`` and ``parameters()`` are unchanged, so checkpoints stay
         the same with and without them. Pass ``name=None`` to remove a route.
+
+        :raises ConfigError: for a name that is not one of ``encoder``, ``decoder``, ``family``, ``likelihood``.
         """
-        for name, wrapper in wrappers.items():
+        for name in wrappers:
             if name not in _ROUTABLE:
-                raise ValueError(f"cannot route {name!r}; routable submodules are {', '.join(_ROUTABLE)}")
-            if wrapper is None:
-                self._routes.pop(name, None)
-            else:
+                raise unknown_choice("routable submodule", name, _ROUTABLE)
+        for name, wrapper in wrappers.items():
+            module = getattr(self, name)
+            if isinstance(module.__dict__.get("forward"), _Route):
+                del module.forward  # the class's forward again
+            self._routes.pop(name, None)
+            if wrapper is not None:
+                module.forward = _Route(wrapper, module.forward)
                 self._routes[name] = wrapper
 
     @contextlib.contextmanager
     def unrouted(self):
         """Run the submodules directly inside this context (e.g. to evaluate a DDP-wrapped model per rank, where
-        the ranks make different numbers of forward passes)."""
-        routes, self._routes = self._routes, {}
+        the ranks make different numbers of forward passes); the routes come back on exit."""
+        routes = dict(self._routes)
+        self.route(**dict.fromkeys(routes))
         try:
             yield self
         finally:
-            self._routes = routes
+            self.route(**routes)
 
-    def _posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
-        return self._run("family")(self._run("encoder")(x))  # raw: (B, num_params)
-
+    # ----------------------------------------------------------------------------------------------------------
+    # Plain-torch helpers (no Pyro effects)
     def encode(self, x: torch.Tensor) -> dist.TorchDistribution:
         """q(z | x) for a batch ``(B, D)``: batch_shape ``(B,)``, event_shape ``(L,)``."""
-        return self._posterior(x)
+        return self.family(self.encoder(x))  # raw encoder output: (B, family.num_params(L))
 
     def decode(self, z: torch.Tensor) -> dist.TorchDistribution:
         """p(x | z) for latent codes ``(..., L)``: event_shape ``(D,)``."""
@@ -244,6 +284,29 @@ class VAE(nn.Module):
         """Mean images E[x | z] for ``n`` codes drawn from the prior p(z), ``(n, D)``."""
         ref = next(self.decoder.parameters())
         return self.likelihood.mean(self.decoder(self.prior.sample_codes(n, ref, generator)))
+
+
+class _Route:
+    """The instance-level ``forward`` that :meth:`VAE.route` gives a routed submodule.
+
+    Calling the submodule calls this, which calls the wrapper; the wrapper's own call of the submodule
+    (``DistributedDataParallel`` calls ``self.module(...)``) comes back here while the first call is still open, and
+    runs the submodule's own ``forward``.
+    """
+
+    __slots__ = ("wrapper", "forward", "inside")
+
+    def __init__(self, wrapper: nn.Module, forward):
+        self.wrapper, self.forward, self.inside = wrapper, forward, False
+
+    def __call__(self, *args, **kwargs):
+        if self.inside:
+            return self.forward(*args, **kwargs)
+        self.inside = True
+        try:
+            return self.wrapper(*args, **kwargs)
+        finally:
+            self.inside = False
 
 
 def posterior_mean(q: dist.TorchDistribution) -> torch.Tensor:

@@ -213,3 +213,133 @@ def test_jit_elbos_are_refused_by_name_as_the_readme_says():
     with warnings.catch_warnings(), pytest.raises(KeyError, match=r"(encoder|decoder)\."):  # set order decides which
         warnings.simplefilter("ignore")  # torch.jit's tracer warnings are not what this test is about
         svi.step(x, 100)
+
+
+def _body(method) -> list[str]:
+    """The lines of a method's source after its docstring, blank lines left out."""
+    import ast
+    import inspect
+    import textwrap
+
+    source = textwrap.dedent(inspect.getsource(method))
+    (func,) = ast.parse(source).body
+    first = func.body[1].lineno if ast.get_docstring(func) else func.body[0].lineno
+    return [line for line in source.splitlines()[first - 1 :] if line.strip()]
+
+
+@pytest.mark.parametrize("program", ["model", "guide"])
+def test_model_and_guide_read_like_textbook_pyro(program):
+    """Tutorial 01 prints these sources: a plate and the sample statements, no private helpers, a few lines."""
+    body = _body(getattr(VAE, program))
+    text = "\n".join(body)
+    assert "self._" not in text and "_announce" not in text
+    assert len(body) <= 5, text
+    assert "with self.data_plate(x, num_data, index):" in text
+    assert f'self.announce_params("{program}")' in text
+    if program == "model":
+        assert 'pyro.sample("z", self.prior(x.shape[0], x))' in text
+        assert 'pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)' in text
+    else:
+        assert 'pyro.sample("z", self.family(self.encoder(x)))' in text
+
+
+def test_the_body_reader_sees_private_calls():
+    """The check above can fail: a method that calls a private helper shows it."""
+
+    class Leaky(VAE):
+        def model(self, x, num_data=None, index=None):
+            """Docstring."""
+            with self._plate(x):
+                pass
+
+    assert _body(Leaky.model) == ["    with self._plate(x):", "        pass"]
+
+
+def test_announce_params_names_sites_by_state_dict_key_and_refuses_unknown_programs():
+    from pyro_vae.errors import ConfigError
+
+    vae = tiny_vae()
+    for program, prefixes in (("model", ("prior.", "decoder.", "likelihood.")), ("guide", ("encoder.", "family."))):
+        with poutine.trace(param_only=True) as capture:
+            vae.announce_params(program)
+        expected = {k: v for k, v in vae.named_parameters() if k.startswith(prefixes)}
+        assert {name: site["value"] for name, site in capture.trace.nodes.items()} == expected
+    with pytest.raises(ConfigError, match=r"unknown Pyro program 'gide'.*did you mean 'guide'"):
+        vae.announce_params("gide")
+
+
+def test_data_plate_caches_its_default_index_per_batch_size_and_device():
+    vae = tiny_vae()
+    x = binary_data()
+    with vae.data_plate(x, N) as first:
+        pass
+    with vae.data_plate(x, N) as again:
+        pass
+    assert torch.equal(first, torch.arange(B)) and again is first  # built once, not per step
+    with vae.data_plate(x[:4]) as short:
+        assert torch.equal(short, torch.arange(4))
+    vae.double()  # may move tensors: the cache is rebuilt
+    with vae.data_plate(x.double(), N) as moved:
+        assert moved is not first and torch.equal(moved, first)
+
+
+class CountingWrapper(nn.Module):
+    """A wrapper that, like DistributedDataParallel, holds the module and calls it."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.calls, self.fail = module, 0, False
+
+    def forward(self, *args):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("wrapper failed")
+        return self.module(*args)
+
+
+def _elbo_and_param_names(vae, x):
+    pyro.set_rng_seed(0)
+    with poutine.trace(param_only=True) as capture:
+        loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, N)
+    grads = torch.autograd.grad(loss, list(vae.parameters()))
+    return loss, grads, list(capture.trace.nodes)
+
+
+def test_routes_run_the_wrappers_and_leave_state_dict_and_parameters_alone():
+    vae = tiny_vae(guide="iaf:1")  # a family with parameters of its own, so all four submodules are routable
+    x = binary_data()
+    keys, params = list(vae.state_dict()), list(vae.parameters())
+    plain = _elbo_and_param_names(vae, x)
+    names = ("encoder", "decoder", "family", "likelihood")
+    wrappers = {name: CountingWrapper(getattr(vae, name)) for name in names}
+    vae.route(**wrappers)
+    assert list(vae.state_dict()) == keys and list(vae.parameters()) == params
+    routed = _elbo_and_param_names(vae, x)
+    assert {name: w.calls for name, w in wrappers.items()} == dict.fromkeys(names, 1)  # once per program call
+    assert torch.equal(routed[0], plain[0]) and routed[2] == plain[2]
+    assert all(torch.equal(a, b) for a, b in zip(routed[1], plain[1], strict=True))
+    vae.sample(3)  # every call of a routed submodule goes through its wrapper, not only the programs'
+    assert wrappers["decoder"].calls == 2
+    with vae.unrouted():
+        _elbo_and_param_names(vae, x)
+        assert all("forward" not in getattr(vae, name).__dict__ for name in names)
+    assert {name: w.calls for name, w in wrappers.items()} == {**dict.fromkeys(names, 1), "decoder": 2}
+    wrappers["encoder"].fail = True  # a wrapper that raises leaves the route usable
+    with pytest.raises(RuntimeError, match="wrapper failed"):
+        _elbo_and_param_names(vae, x)
+    wrappers["encoder"].fail = False
+    _elbo_and_param_names(vae, x)
+    assert wrappers["encoder"].calls == 3
+    vae.route(**dict.fromkeys(names))
+    assert all("forward" not in getattr(vae, name).__dict__ for name in names)
+    _elbo_and_param_names(vae, x)
+    assert wrappers["encoder"].calls == 3
+
+
+def test_routing_a_name_that_is_not_a_submodule_is_refused_before_any_route_is_set():
+    from pyro_vae.errors import ConfigError
+
+    vae = tiny_vae()
+    with pytest.raises(ConfigError, match=r"unknown routable submodule 'decodr'.*did you mean 'decoder'"):
+        vae.route(encoder=CountingWrapper(vae.encoder), decodr=CountingWrapper(vae.decoder))
+    assert "forward" not in vae.encoder.__dict__
