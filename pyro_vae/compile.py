@@ -173,8 +173,8 @@ def _fallback_reason(vae: VAE, elbo: ELBO, kl_schedule: Any) -> str | None:
         return "the dreg estimator gives the encoder and the decoder two surrogates, so it has no single graph"
     if kl_schedule is not None:
         return "a KL schedule's weight changes every step and would be frozen into the graph"
-    if vae._routes:
-        return f"routed submodules ({', '.join(sorted(vae._routes))}, e.g. DistributedDataParallel) are not traceable"
+    if vae.routes:
+        return f"routed submodules ({', '.join(vae.routes)}, e.g. DistributedDataParallel) are not traceable"
     return None
 
 

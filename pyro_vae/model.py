@@ -251,6 +251,11 @@ class VAE(nn.Module):
                 module.forward = _Route(wrapper, module.forward)
                 self._routes[name] = wrapper
 
+    @property
+    def routes(self) -> tuple[str, ...]:
+        """The names of the submodules routed through a wrapper (:meth:`route`), sorted."""
+        return tuple(sorted(self._routes))
+
     @contextlib.contextmanager
     def unrouted(self):
         """Run the submodules directly inside this context (e.g. to evaluate a DDP-wrapped model per rank, where

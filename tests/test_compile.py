@@ -121,6 +121,19 @@ def test_unlisted_objective_falls_back(caplog):
     assert "objective MyELBO has no traceable loss" in caplog.records[0].getMessage()
 
 
+def test_a_routed_vae_falls_back(caplog):
+    """DDP's gradient hooks are not traceable: a VAE routed through a wrapper (VAE.route) runs the eager step."""
+    vae = tiny_vae()
+    vae.route(decoder=torch.nn.Sequential(vae.decoder))  # calls the decoder, as DistributedDataParallel does
+    with caplog.at_level(logging.INFO, logger="pyro_vae.compile"):
+        step = compile_step(vae, Trace_ELBO(), adamw(), num_data=N, batch_size=B, device="cpu")
+    assert step is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "compile: falling back to the eager step: routed submodules (decoder, e.g. DistributedDataParallel) are not "
+        "traceable"
+    ]
+
+
 def run_steps(step, x, seeds, batch=B):
     losses = []
     for i, seed in enumerate(seeds):

@@ -313,6 +313,7 @@ def test_routes_run_the_wrappers_and_leave_state_dict_and_parameters_alone():
     names = ("encoder", "decoder", "family", "likelihood")
     wrappers = {name: CountingWrapper(getattr(vae, name)) for name in names}
     vae.route(**wrappers)
+    assert vae.routes == tuple(sorted(names))
     assert list(vae.state_dict()) == keys and list(vae.parameters()) == params
     routed = _elbo_and_param_names(vae, x)
     assert {name: w.calls for name, w in wrappers.items()} == dict.fromkeys(names, 1)  # once per program call
@@ -322,6 +323,7 @@ def test_routes_run_the_wrappers_and_leave_state_dict_and_parameters_alone():
     assert wrappers["decoder"].calls == 2
     with vae.unrouted():
         _elbo_and_param_names(vae, x)
+        assert vae.routes == ()
         assert all("forward" not in getattr(vae, name).__dict__ for name in names)
     assert {name: w.calls for name, w in wrappers.items()} == {**dict.fromkeys(names, 1), "decoder": 2}
     wrappers["encoder"].fail = True  # a wrapper that raises leaves the route usable
@@ -331,6 +333,7 @@ def test_routes_run_the_wrappers_and_leave_state_dict_and_parameters_alone():
     _elbo_and_param_names(vae, x)
     assert wrappers["encoder"].calls == 3
     vae.route(**dict.fromkeys(names))
+    assert vae.routes == ()
     assert all("forward" not in getattr(vae, name).__dict__ for name in names)
     _elbo_and_param_names(vae, x)
     assert wrappers["encoder"].calls == 3
