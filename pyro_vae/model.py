@@ -24,8 +24,8 @@ What makes the step fast sits behind three named seams, none of which shows in t
   global param store, from a list built once and cached: ``named_parameters()`` costs tens of microseconds a call.
   Building a new ``VAE`` in a notebook and training it again therefore trains the new network; with shared
   ``pyro.module`` names the old store entries would silently shadow it.
-* :meth:`VAE.data_plate` opens the data plate with a cached ``arange(B)`` index when no index is given (Pyro would
-  otherwise build one every call).
+* :meth:`VAE.data_plate` opens the data plate; when no index is given, the minibatch's positions default to an
+  ``arange(B)`` built once per (B, device) and cached, not on every call.
 * :meth:`VAE.route` sends a submodule's calls through a wrapper (``DistributedDataParallel`` under torchrun) by
   giving that submodule an instance-level ``forward``: ``self.decoder(z)`` in the program runs the wrapper, whose
   own call of the submodule reaches the real ``forward``. The wrapper is not a submodule, so ``state_dict`` keys,
@@ -185,7 +185,7 @@ class VAE(nn.Module):
 
         The model owns the prior's, the decoder's and the likelihood's parameters, the guide the encoder's and the
         family's. Site names are the ``state_dict`` keys (``decoder.net.0.weight``, ...). Nothing goes into Pyro's
-        global param store. Outside any Pyro handler this does nothing.
+        global param store. Outside any Pyro handler it records nothing.
 
         :param str program: ``"model"`` or ``"guide"``.
         """
