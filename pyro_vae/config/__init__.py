@@ -76,7 +76,7 @@ class DataConfig:
 
     dataset: str = option("embedded", "data source (embedded works offline)", choices=DATASETS, what="dataset")
     path: str | None = option(
-        None, "your .npz file (x, optional y, x_test, y_test); implies --dataset npz", flag="--data"
+        None, "your .npz file (x, optional y, x_test, y_test, layout); implies --dataset npz", flag="--data"
     )
     data_dir: str | None = option(
         None, "directory of the Fashion-MNIST IDX files, or the MNIST download root", resume="free"
