@@ -78,6 +78,7 @@ class VAE(nn.Module):
     :param str network: the encoder/decoder pair, a name of :func:`pyro_vae.networks.network_names`.
     :param image_shape: one image's shape ``(C, H, W)`` (or ``(H, W)``), with product ``input_dim``; needed by
         networks that see the image as an image (``conv``). Default: flat ``(input_dim,)``.
+    :param conv_channels: the ``conv`` network's channel widths (see :func:`pyro_vae.networks.make_networks`).
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class VAE(nn.Module):
         prior: str | Prior = "standard",
         network: str = "mlp",
         image_shape: Sequence[int] | None = None,
+        conv_channels: Sequence[int] = (32, 64),
     ):
         super().__init__()
         check_int("input_dim", input_dim, low=1)
@@ -118,6 +120,7 @@ class VAE(nn.Module):
                 likelihood=likelihood,
                 prior=prior,
                 network=network,
+                conv_channels=tuple(conv_channels),
             )
         self.latent_dim = latent_dim
         self.family = family
@@ -133,6 +136,7 @@ class VAE(nn.Module):
             output_dim=self.likelihood.output_dim(input_dim),
             hidden_dims=hidden_dims,
             activation=activation,
+            conv_channels=conv_channels,
         )
         self.prior.attach(self.encode, input_dim)
         self._arange_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -154,6 +158,7 @@ class VAE(nn.Module):
             prior=config.prior,
             network=config.network,
             image_shape=image_shape,
+            conv_channels=config.conv_channels,
         )
 
     # ----------------------------------------------------------------------------------------------------------

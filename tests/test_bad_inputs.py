@@ -64,8 +64,8 @@ def with_inf():
 
 NPZ = {
     "wrong shape": ({"x": np.zeros(10, np.uint8)}, ["x has shape (10,)", "(N, H, W)", "reshape it"]),
-    "colour channels": ({"x": rng_images(4, 3, 8, 8)}, ["3 channels", "convert them to greyscale"]),
-    "channels last": ({"x": rng_images(4, 28, 28, 1)}, ["shape (4, 28, 28, 1)", "channels-last", "x[..., 0]"]),
+    "two channels": ({"x": rng_images(4, 2, 8, 8)}, ["shape (4, 2, 8, 8)", "C = 1 (grey) or 3 (RGB)"]),
+    "ambiguous channels": ({"x": rng_images(4, 3, 8, 3)}, ["shape (4, 3, 8, 3)", "reads both as", "layout='NHWC'"]),
     "wrong dtype": ({"x": rng_images(20, 28, 28, dtype=np.int64)}, ["dtype int64", "x.astype(numpy.uint8)"]),
     "forgot /255": ({"x": rng_images(20, 28, 28, dtype=np.float32)}, ["values up to 25", "[0, 1]", "divide by 255"]),
     "negative": ({"x": np.full((20, 16), -0.5)}, ["values down to -0.5", "rescale them to [0, 1]"]),

@@ -164,7 +164,7 @@ def test_embedded_dataset_loads(embedded):
     d = embedded
     assert d.name == "embedded-fashion-mnist"
     assert d.x_train.shape == (10000, 784) and d.x_test.shape == (2000, 784) and d.input_dim == 784
-    assert d.image_shape == (28, 28) and not d.binary
+    assert d.image_shape == (1, 28, 28) and not d.binary
     for x in (d.x_train, d.x_test):
         assert x.dtype == torch.float32 and x.is_contiguous()
         assert 0.0 <= x.min().item() and x.max().item() <= 1.0
@@ -267,7 +267,7 @@ def test_npz_uint8_images_with_labels_hold_out_a_test_split(tmp_path):
     y = np.arange(20) % 10
     np.savez(tmp_path / "d.npz", x=x, y=y)
     d = load_npz(tmp_path / "d.npz")
-    assert d.name == "npz:d.npz" and d.image_shape == (28, 28)
+    assert d.name == "npz:d.npz" and d.image_shape == (1, 28, 28)
     assert d.x_train.shape == (18, 784) and d.x_test.shape == (2, 784)
     again = load_npz(tmp_path / "d.npz")
     assert torch.equal(d.x_train, again.x_train) and torch.equal(d.y_test, again.y_test)
@@ -285,7 +285,7 @@ def test_npz_float_nchw_without_labels(tmp_path):
     x = np.random.default_rng(0).random((12, 1, 28, 28)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x)
     d = load_npz(tmp_path / "d.npz")
-    assert d.y_train is None and d.y_test is None and d.image_shape == (28, 28)
+    assert d.y_train is None and d.y_test is None and d.image_shape == (1, 28, 28)
     assert d.x_train.shape == (11, 784) and d.x_test.shape == (1, 784) and not d.binary
 
 
@@ -324,9 +324,19 @@ def _inf_images():
 NPZ_BAD = {
     "empty": ({"x": np.zeros((0, 28, 28), np.uint8)}, ["x is empty"]),
     "wrong ndim": ({"x": np.zeros(10, np.uint8)}, ["shape (10,)", "(N, H, W)"]),
-    "rgb": ({"x": np.zeros((4, 3, 8, 8), np.uint8)}, ["3 channels", "greyscale"]),
-    "channels last": ({"x": np.zeros((4, 8, 8, 1), np.uint8)}, ["(4, 8, 8, 1)", "channels-last", "x[..., 0]"]),
-    "rgb channels last": ({"x": np.zeros((4, 8, 8, 3), np.uint8)}, ["channels-last", "3 channel(s)", "greyscale"]),
+    "two channels": ({"x": np.zeros((4, 2, 8, 8), np.uint8)}, ["(4, 2, 8, 8)", "neither 2", "nor 8", "RGB"]),
+    "rgba": ({"x": np.zeros((4, 8, 8, 4), np.uint8)}, ["(4, 8, 8, 4)", "alpha", "x[..., :3]"]),
+    "ambiguous": (
+        {"x": np.zeros((4, 3, 32, 3), np.uint8)},
+        ["(4, 3, 32, 3)", "(N, C, H, W) = 3 channel(s) of 32×3", "(N, H, W, C) = 3×32 images", "layout='NCHW'"],
+    ),
+    "layout not a string": ({"x": images(10), "layout": np.arange(2)}, ["layout of", "'NCHW'", "'NHWC'"]),
+    "layout unknown": ({"x": np.zeros((4, 8, 8, 3), np.uint8), "layout": "CHW"}, ["layout of", "'NHWC'"]),
+    "layout on 3-d x": ({"x": images(10), "layout": "NHWC"}, ["shape (10, 4, 5)", "layout (NHWC)", "4-d"]),
+    "layout with 5 channels": (
+        {"x": np.zeros((4, 5, 8, 3), np.uint8), "layout": "NCHW"},
+        ["5 channels in layout NCHW", "check the layout"],
+    ),
     "float over 1": ({"x": images(10).astype(np.float32)}, ["x has values up to", "[0, 1]", "divide by 255"]),
     "negative": ({"x": np.full((10, 4), -0.5)}, ["down to -0.5"]),
     "nan": ({"x": _nan_images()}, ["2 NaN", "first in image 3"]),
@@ -367,12 +377,54 @@ def test_npz_that_is_not_an_npz(tmp_path):
         load_npz(tmp_path / "objects.npz")
 
 
-def test_channels_last_is_not_called_many_channels(tmp_path):
-    """Defect 13: (N, 28, 28, 1) used to be reported as "28 channels"."""
+def _colour(n, c=3, h=16, w=12, seed=0):
+    """uint8 images (N, C, H, W) whose every pixel of every channel differs, so a wrong transpose cannot agree."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, c, h, w), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_channels_last_equals_channels_first_after_transpose(tmp_path, caplog, c):
+    """Issue 13 part 4: (N, H, W, C) is detected, said in one INFO line, and stored exactly as the channel-first
+    (N, C, H, W) file; (N, 1, H, W) and (N, H, W) agree too. Rows are the channel-first flattening, D = C·H·W."""
+    first = _colour(10, c)
+    np.savez(tmp_path / "first.npz", x=first, x_test=first[:3])
+    np.savez(tmp_path / "last.npz", x=first.transpose(0, 2, 3, 1), x_test=first[:3].transpose(0, 2, 3, 1))
+    a = load_npz(tmp_path / "first.npz")
+    with caplog.at_level("INFO", logger="pyro_vae.data.images"):
+        b = load_npz(tmp_path / "last.npz")
+    assert a.image_shape == b.image_shape == (c, 16, 12)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.x_test, b.x_test)
+    expected = torch.from_numpy(first.reshape(10, -1).astype(np.float32) / np.float32(255.0))
+    assert torch.equal(a.x_train, expected)  # uint8 scaled to [0, 1], channel-first
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyro_vae.data.images"]
+    assert lines == [
+        f"{what} has shape {(n, 16, 12, c)}: read as channels-last (N, H, W, C) images, stored as (C, H, W) = "
+        f"{(c, 16, 12)}"
+        for what, n in (("x", 10), ("x_test", 3))
+    ]
+    if c == 1:
+        np.savez(tmp_path / "grey.npz", x=first[:, 0], x_test=first[:3, 0])
+        g = load_npz(tmp_path / "grey.npz")
+        assert g.image_shape == (1, 16, 12) and torch.equal(g.x_train, a.x_train)
+
+
+def test_layout_settles_an_ambiguous_shape(tmp_path):
+    """(N, 3, 16, 3) reads both ways: the layout entry picks one, and the two readings store different rows."""
+    x = np.random.default_rng(0).integers(0, 256, size=(6, 3, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "nchw.npz", x=x, x_test=x[:2], layout="NCHW")
+    np.savez(tmp_path / "nhwc.npz", x=x, x_test=x[:2], layout=np.array("NHWC"))
+    first, last = load_npz(tmp_path / "nchw.npz"), load_npz(tmp_path / "nhwc.npz")
+    assert first.image_shape == (3, 16, 3) and last.image_shape == (3, 3, 16)
+    assert torch.equal(first.x_train, torch.from_numpy(x.reshape(6, -1) / np.float32(255.0)))
+    moved = x.transpose(0, 3, 1, 2).reshape(6, -1)
+    assert torch.equal(last.x_train, torch.from_numpy(moved / np.float32(255.0)))
+    assert not torch.equal(first.x_train, last.x_train)
+
+
+def test_channels_last_grey_is_not_called_many_channels(tmp_path):
+    """Defect 13: (N, 28, 28, 1) used to be reported as "28 channels"; now it is one grey channel stored last."""
     np.savez(tmp_path / "cl.npz", x=np.zeros((4, 28, 28, 1), np.uint8))
-    with pytest.raises(DataError) as info:
-        load_npz(tmp_path / "cl.npz")
-    assert "28 channels" not in str(info.value) and "channels-last" in str(info.value)
+    assert load_npz(tmp_path / "cl.npz").image_shape == (1, 28, 28)
 
 
 def _npz_with_header(path, shape, payload=b"\0" * 64, *, compression=zipfile.ZIP_STORED, file_size=None):

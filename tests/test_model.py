@@ -84,6 +84,7 @@ def test_every_model_config_field_reaches_the_module_it_names():
         "likelihood": "continuous_bernoulli",
         "prior": "mog:3",
         "network": "conv",
+        "conv_channels": (4, 6),
     }
 
     def linears(module):
@@ -107,19 +108,29 @@ def test_every_model_config_field_reaches_the_module_it_names():
         "guide_options": lambda vae, v: all(getattr(vae.family, key, None) == value for key, value in v.items()),
         "likelihood": lambda vae, v: vae.likelihood.name == v,
         "prior": lambda vae, v: vae.prior.name == v.partition(":")[0] and vae.prior.num_components == 3,
-        "network": lambda vae, v: vae.config.network == v and not linears(vae.encoder)[0].in_features == D,
+        "network": lambda vae, v: (
+            vae.config.network == v and any(isinstance(m, nn.Conv2d) for m in vae.encoder.modules())
+        ),
+        "conv_channels": lambda vae, v: (
+            [m.out_channels for m in vae.encoder.modules() if isinstance(m, nn.Conv2d)] == list(v)
+            and [m.out_channels for m in vae.decoder.modules() if isinstance(m, nn.ConvTranspose2d)][:-1]
+            == list(reversed(v))[1:]
+        ),
     }
     fields = [f.name for f in dataclasses.fields(ModelConfig)]
     assert sorted(checks) == sorted(values) == sorted(fields), "a ModelConfig field has no check here"
     for name in fields:
         default = getattr(ModelConfig(), name)
         assert values[name] != default
-        base = {"guide": "low_rank"} if name == "guide_options" else {}  # the options of a family that has them
+        # The options of a family that has them; the widths of the network that has them.
+        base = {"guide_options": {"guide": "low_rank"}, "conv_channels": {"network": "conv"}}.get(name, {})
+        shape = (1, 8, 8) if name in ("network", "conv_channels") else None  # conv needs images of 8×8 or more
+        dim = 64 if shape else D
         config = ModelConfig(**base, **{name: values[name]})
-        vae = VAE.from_config(config, D)
+        vae = VAE.from_config(config, dim, shape)
         assert vae.config == config
         assert checks[name](vae, values[name]), name
-        assert not checks[name](VAE.from_config(ModelConfig(**base), D), values[name]), name  # the check can fail
+        assert not checks[name](VAE.from_config(ModelConfig(**base), dim, shape), values[name]), name  # can fail
 
 
 def structured_data(n=64, seed=0):

@@ -186,10 +186,11 @@ def _upgrade(payload: dict, source: str) -> dict:
 
 
 def _check_image_shape(shape: Any, input_dim: int) -> str | None:
+    """``None``, ``[C, H, W]``, or the ``[H, W]`` of checkpoints written before colour images (one grey channel)."""
     if shape is None:
         return None
-    if not isinstance(shape, list) or not shape or not all(_is_int(s, 1) for s in shape):
-        return f"is {shape!r}, not None or a list of positive ints"
+    if not isinstance(shape, list) or len(shape) not in (2, 3) or not all(_is_int(s, 1) for s in shape):
+        return f"is {shape!r}, not None or a list [C, H, W] of positive ints"
     if math.prod(shape) != input_dim:
         return f"is {shape} ({math.prod(shape)} values) but input_dim is {input_dim}"
     return None
@@ -203,7 +204,8 @@ class TrainingState:
     :ivar dict config: the resolved ``RunConfig.to_dict()``.
     :ivar dict versions: package versions and thread count.
     :ivar int input_dim: D, values per image.
-    :ivar image_shape: ``[H, W]`` (or with channels) whose product is ``input_dim``; ``None`` for flat data.
+    :ivar image_shape: ``[C, H, W]`` whose product is ``input_dim`` (a legacy ``[H, W]`` file loads as ``[1, H, W]``);
+        ``None`` for flat data.
     :ivar DataRecord data: name, sizes, fingerprint and absolute path of the data.
     :ivar int world_size: processes that trained (1 outside ``torchrun``).
     :ivar int global_batch: images per optimiser step over all processes.
@@ -303,6 +305,8 @@ class TrainingState:
             if problem is not None:
                 raise CheckpointError(f"checkpoint {source}: field {key!r} {problem}; the file is damaged or crafted")
         fields = {name: payload[name] for name in _CHECKS if name != "metrics"}
+        if fields["image_shape"] is not None and len(fields["image_shape"]) == 2:
+            fields["image_shape"] = [1, *fields["image_shape"]]  # a grey [H, W] from before colour images
         fields["data"] = DataRecord(**{k: payload["data"].get(k) for k in DataRecord._fields})
         fields["progress"] = Progress(**payload["progress"])
         return cls(**fields, metrics_offset=payload["metrics"]["offset"])

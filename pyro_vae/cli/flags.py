@@ -45,7 +45,7 @@ LIKELIHOOD_CHOICES = ("bernoulli", "continuous_bernoulli")
 #: Registered priors (checked against :func:`pyro_vae.priors.prior_names` by a test).
 PRIOR_CHOICES = ("standard",)
 #: Registered networks (checked against :func:`pyro_vae.networks.network_names` by a test).
-NETWORK_CHOICES = ("mlp",)
+NETWORK_CHOICES = ("conv", "mlp")
 #: Registered objectives (checked against :func:`pyro_vae.objectives.objective_names` by a test).
 OBJECTIVE_CHOICES = ("iwae", "meanfield", "trace")
 #: Registered KL schedules (checked against :func:`pyro_vae.schedules.schedule_names` by a test).

@@ -76,7 +76,7 @@ class DataConfig:
 
     dataset: str = option("embedded", "data source (embedded works offline)", choices=DATASETS, what="dataset")
     path: str | None = option(
-        None, "your .npz file (x, optional y, x_test, y_test); implies --dataset npz", flag="--data"
+        None, "your .npz file (x, optional y, x_test, y_test, layout); implies --dataset npz", flag="--data"
     )
     data_dir: str | None = option(
         None, "directory of the Fashion-MNIST IDX files, or the MNIST download root", resume="free"
@@ -106,14 +106,18 @@ class ModelConfig:
     :func:`pyro_vae.guides.family_names` (``name`` or ``name:K``) with keyword ``guide_options`` (e.g.
     ``{"eps": 1e-5}``). ``likelihood``: one of :func:`pyro_vae.likelihoods.likelihood_names` (``name`` or
     ``name:option``). ``prior``: one of :func:`pyro_vae.priors.prior_names` (``name`` or ``name:K``). ``network``: one
-    of :func:`pyro_vae.networks.network_names`.
+    of :func:`pyro_vae.networks.network_names`; ``hidden_dims`` are the ``mlp``'s widths, ``conv_channels`` the
+    ``conv``'s (the default ``(32, 64)``: two stride-2 layers, 28×28 → 7×7).
     """
 
     latent_dim: int = option(
         16, "latent dimension L", low=1, high=4096, why="a full-rank guide emits L(L+3)/2 numbers per image"
     )
     hidden_dims: tuple[int, ...] = option(
-        (512, 256, 128, 64), "comma-separated encoder widths", high=16384, why="a 16384² layer is 1 GiB of weights"
+        (512, 256, 128, 64),
+        "comma-separated encoder widths of --network mlp",
+        high=16384,
+        why="a 16384² layer is 1 GiB of weights",
     )
     activation: str = option("silu", "non-linearity between layers", choices=ACTIVATIONS, what="activation")
     guide: str = option("mvn_diag", "guide family, name or name:K", choices="guides", what="guide family", spec=True)
@@ -127,6 +131,12 @@ class ModelConfig:
         "standard", "p(z): standard, or a learned mog:K, vamp:K or flow:K", choices="priors", what="prior", spec=True
     )
     network: str = option("mlp", "encoder and decoder networks", choices="networks", what="network")
+    conv_channels: tuple[int, ...] = option(
+        (32, 64),
+        "comma-separated channel widths of --network conv, one stride-2 layer each",
+        high=4096,
+        why="a 4096→4096 3×3 layer is 600 MB of weights",
+    )
 
     def __post_init__(self):
         check_fields(self)

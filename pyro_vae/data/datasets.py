@@ -33,7 +33,7 @@ import torch
 
 from pyro_vae.config import DEFAULT_FASHION_MNIST_DIR, DataConfig
 from pyro_vae.data.idx import decode_idx, read_idx
-from pyro_vae.data.images import check_image_tensor, images_and_shape, labels, validate_images
+from pyro_vae.data.images import check_image_tensor, images_and_shape, labels, read_layout, validate_images
 from pyro_vae.errors import DataError, unknown_choice
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ _IDX_STEMS = {
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
-_NPZ_KEYS = ("x", "y", "x_test", "y_test")
+_NPZ_KEYS = ("x", "y", "x_test", "y_test", "layout")
 _SAVE_HINT = "save the images with numpy.savez(path, x=images, y=labels)"
 
 
@@ -83,8 +83,8 @@ class Dataset:
     :param y_train: ``(N,)`` int64 labels, or ``None`` when the source has none.
     :param torch.Tensor x_test: ``(M, D)`` contiguous float32 images with values in ``[0, 1]``.
     :param y_test: ``(M,)`` int64 labels, or ``None``.
-    :param image_shape: ``(H, W)`` with ``H * W == D`` when the source gave images, so plots can reshape rows;
-        ``None`` when it gave flat ``(N, D)`` vectors.
+    :param image_shape: ``(C, H, W)`` with ``C * H * W == D`` (grey: ``C = 1``; rows are flattened channel-first)
+        when the source gave images, so networks and plots can reshape rows; ``None`` when it gave flat ``(N, D)``.
     :param bool binary: whether every value of both splits is exactly 0 or 1.
     """
 
@@ -132,11 +132,19 @@ class _Loaded(NamedTuple):
 
 
 def _split(
-    name: str, x_train: Any, y_train: Any, x_test: Any, y_test: Any, *, what: tuple[str, str, str, str]
+    name: str,
+    x_train: Any,
+    y_train: Any,
+    x_test: Any,
+    y_test: Any,
+    *,
+    what: tuple[str, str, str, str],
+    layout: str | None = None,
 ) -> _Loaded:
-    """Validate both splits of a source; ``what`` names x_train, y_train, x_test, y_test in messages."""
-    xt, shape_train = images_and_shape(x_train, what[0])
-    xs, shape_test = images_and_shape(x_test, what[2])
+    """Validate both splits of a source; ``what`` names x_train, y_train, x_test, y_test in messages; ``layout``
+    (``"NCHW"``/``"NHWC"``) settles 4-d images whose channel axis reads both ways."""
+    xt, shape_train = images_and_shape(x_train, what[0], layout)
+    xs, shape_test = images_and_shape(x_test, what[2], layout)
     if xt.shape[1] != xs.shape[1] or shape_train != shape_test:
         raise DataError(
             f"{what[0]} holds images of shape {shape_train or xt.shape[1]} but {what[2]} of shape "
@@ -311,7 +319,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             )
         ignored = sorted(set(keys) - set(_NPZ_KEYS))
         if ignored:
-            logger.warning("ignoring arrays %s in %s: only x, y, x_test and y_test are read", ignored, path)
+            logger.warning("ignoring arrays %s in %s: only x, y, x_test, y_test and layout are read", ignored, path)
         _check_npz_sizes(path, [key for key in _NPZ_KEYS if key in keys])
         arrays = {}
         for key in _NPZ_KEYS:
@@ -333,6 +341,7 @@ def _load_npz(config: DataConfig) -> _Loaded:
         have, lack = ("y", "y_test") if "y" in arrays else ("y_test", "y")
         raise DataError(f"data file {path} has {have} but no {lack}; give labels for both splits or for neither")
     name = f"npz:{path.name}"
+    layout = read_layout(arrays.get("layout"), f"layout of {path}")
     if "x_test" in arrays:
         return _split(
             name,
@@ -341,8 +350,9 @@ def _load_npz(config: DataConfig) -> _Loaded:
             arrays["x_test"],
             arrays.get("y_test"),
             what=("x", "y", "x_test", "y_test"),
+            layout=layout,
         )
-    x, image_shape = images_and_shape(arrays["x"], "x")
+    x, image_shape = images_and_shape(arrays["x"], "x", layout)
     y = labels(arrays["y"], len(x), what="y", images="x") if "y" in arrays else None
     n = len(x)
     n_test = max(1, round(n * config.test_fraction))
@@ -391,11 +401,12 @@ def load_dataset(config: DataConfig) -> Dataset:
     """Load and validate the images a :class:`~pyro_vae.config.DataConfig` names.
 
     ``n_train`` / ``n_test`` keep the first images of each split. For ``npz``, the file at ``config.path`` must
-    hold ``x`` (``uint8`` 0..255, ``bool``, or float in ``[0, 1]``; shaped ``(N, 28, 28)``, ``(N, 1, 28, 28)``,
-    any other ``(N, H, W)``, or flat ``(N, D)``) and may hold integer labels ``y`` and a test split
-    ``x_test`` / ``y_test``. Without ``x_test``, a permutation seeded with :data:`HOLDOUT_SEED` holds out
-    ``round(N * test_fraction)`` images (at least one) as the test split; both splits keep that permuted order.
-    Other arrays in the file are ignored with a warning.
+    hold ``x`` (``uint8`` 0..255, ``bool``, or float in ``[0, 1]``; shaped ``(N, H, W)``, ``(N, C, H, W)``,
+    ``(N, H, W, C)`` with C = 1 or 3, or flat ``(N, D)``) and may hold integer labels ``y``, a test split
+    ``x_test`` / ``y_test``, and a ``layout`` string (``"NCHW"`` or ``"NHWC"``) for a 4-d ``x`` whose shape reads
+    both ways (channels-last is otherwise detected and logged). Without ``x_test``, a permutation seeded with
+    :data:`HOLDOUT_SEED` holds out ``round(N * test_fraction)`` images (at least one) as the test split; both splits
+    keep that permuted order. Other arrays in the file are ignored with a warning.
 
     :param DataConfig config: the data section of the run configuration.
     :returns: the validated :class:`Dataset`, on the CPU.

@@ -8,17 +8,43 @@ Every problem is a :class:`~pyro_vae.errors.DataError` that says what was found 
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from pyro_vae.errors import DataError
 
-__all__ = ["check_image_tensor", "images_and_shape", "labels", "validate_images"]
+logger = logging.getLogger(__name__)
 
-#: Channel counts that, in the last axis of a 4-d array, mark images stored channels-last ``(N, H, W, C)``.
-_CHANNELS_LAST = (1, 3, 4)
+__all__ = [
+    "CHANNELS",
+    "LAYOUTS",
+    "Images",
+    "check_image_tensor",
+    "images_and_shape",
+    "labels",
+    "read_layout",
+    "validate_images",
+]
+
+#: Channel counts pyro_vae reads: grey and RGB.
+CHANNELS = (1, 3)
+#: Values of an .npz's optional ``layout`` entry, which settles a 4-d ``x`` whose shape reads both ways.
+LAYOUTS = ("NCHW", "NHWC")
+_FORMS = "(N, H, W), (N, C, H, W), (N, H, W, C) with C = 1 (grey) or 3 (RGB), or flat (N, D)"
+
+
+class Images(NamedTuple):
+    """Validated images.
+
+    :ivar torch.Tensor x: float32 ``(N, D)`` in ``[0, 1]``, each row a ``(C, H, W)`` image flattened channel-first.
+    :ivar image_shape: ``(C, H, W)`` (grey: ``(1, H, W)``), or ``None`` for flat input.
+    """
+
+    x: torch.Tensor
+    image_shape: tuple[int, int, int] | None
 
 
 def _as_numpy(x: Any) -> np.ndarray:
@@ -31,31 +57,70 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _check_shape(x: np.ndarray, what: str) -> tuple[int, ...] | None:
-    """Return the per-image shape to remember, or refuse shapes that are not images."""
+def read_layout(value: Any, what: str) -> str | None:
+    """The ``layout`` entry of an .npz (``"NCHW"`` or ``"NHWC"``), or ``None`` when ``value`` is ``None``.
+
+    :raises DataError: anything but one of :data:`LAYOUTS` as a string.
+    """
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    layout = str(arr.reshape(())) if arr.dtype.kind == "U" and arr.size == 1 else None
+    if layout not in LAYOUTS:
+        raise DataError(
+            f"{what} is {arr!r} but must be the string 'NCHW' (channels first) or 'NHWC' (channels last); save it "
+            "with numpy.savez(path, x=x, layout='NHWC')"
+        )
+    return layout
+
+
+def _four_d_layout(shape: tuple[int, ...], what: str, layout: str | None) -> str:
+    """``"NCHW"`` or ``"NHWC"`` for a 4-d array: the given ``layout``, or the one reading whose channel axis holds 1
+    or 3 channels; one line when neither or both do."""
+    first, last = shape[1] in CHANNELS, shape[-1] in CHANNELS
+    if layout is not None:
+        channels = shape[1] if layout == "NCHW" else shape[-1]
+        if channels not in CHANNELS:
+            raise DataError(
+                f"{what} has shape {shape}, i.e. {channels} channels in layout {layout}, but images need 1 (grey) or "
+                "3 (RGB) channels; check the layout"
+            )
+        return layout
+    if first and last:
+        n, a, b, c = shape
+        raise DataError(
+            f"{what} has shape {shape}, which reads both as (N, C, H, W) = {a} channel(s) of {b}×{c} and as "
+            f"(N, H, W, C) = {a}×{b} images with {c} channel(s); say which with numpy.savez(path, x=x, "
+            "layout='NCHW') or layout='NHWC'"
+        )
+    if first or last:
+        return "NCHW" if first else "NHWC"
+    fix = "drop the alpha channel with x[..., :3]" if shape[-1] == 4 else "convert them to greyscale or RGB"
+    raise DataError(
+        f"{what} has shape {shape}, with neither {shape[1]} (axis 1) nor {shape[-1]} (last axis) channels, but images "
+        f"must be {_FORMS}; {fix}"
+    )
+
+
+def _check_shape(x: np.ndarray, what: str, layout: str | None) -> tuple[tuple[int, int, int] | None, bool]:
+    """The per-image shape ``(C, H, W)`` to remember (``None`` for flat input) and whether the channels come last;
+    refuse shapes that are not images."""
     shape = tuple(x.shape)
-    expected = "(N, H, W), (N, 1, H, W) or flat (N, D)"
     if x.ndim not in (2, 3, 4):
-        raise DataError(f"{what} has shape {shape} but images must be {expected}; reshape it")
-    if x.ndim == 4 and shape[1] != 1 and shape[-1] in _CHANNELS_LAST and shape[-1] < min(shape[1:3]):
-        # (N, 28, 28, 1) is one grey channel stored last, not 28 channels.
-        fix = "drop the channel axis with x[..., 0]" if shape[-1] == 1 else "convert them to greyscale (N, H, W)"
-        raise DataError(
-            f"{what} has shape {shape}, i.e. channels-last (N, H, W, C) images with {shape[-1]} channel(s), but "
-            f"images must be {expected}; {fix}"
-        )
-    if x.ndim == 4 and shape[1] != 1:
-        raise DataError(
-            f"{what} has shape {shape}, i.e. {shape[1]} channels, but images must be {expected}; "
-            "convert them to greyscale or flatten them to (N, D)"
-        )
+        raise DataError(f"{what} has shape {shape} but images must be {_FORMS}; reshape it")
     if shape[0] == 0:
         raise DataError(f"{what} is empty (shape {shape}); it needs at least one image")
     if 0 in shape[1:]:
         raise DataError(f"{what} has shape {shape}, i.e. images without pixels; check how it was made")
+    if layout is not None and x.ndim != 4:
+        raise DataError(f"{what} has shape {shape} but a layout ({layout}) is given, which only 4-d images need")
     if x.ndim == 2:
-        return None
-    return shape[-2:]
+        return None, False
+    if x.ndim == 3:
+        return (1, *shape[1:]), False
+    if _four_d_layout(shape, what, layout) == "NCHW":
+        return shape[1:], False
+    return (shape[3], shape[1], shape[2]), True
 
 
 def _non_finite_message(x: np.ndarray, what: str) -> str | None:
@@ -82,10 +147,27 @@ def _check_float_values(arr: np.ndarray, what: str) -> None:
         raise DataError(f"{what} has values up to {high} but float images must lie in [0, 1]; {fix}")
 
 
-def images_and_shape(x: Any, what: str) -> tuple[torch.Tensor, tuple[int, ...] | None]:
-    """:func:`validate_images`, and the per-image shape ``(H, W)`` to remember (``None`` for flat input)."""
+def images_and_shape(x: Any, what: str, layout: str | None = None) -> Images:
+    """:func:`validate_images`, and the per-image shape ``(C, H, W)`` to remember (``None`` for flat input).
+
+    A 4-d array is channels-first ``(N, C, H, W)`` or channels-last ``(N, H, W, C)``, whichever reading has 1 or 3
+    channels (``layout``, ``"NCHW"`` or ``"NHWC"``, settles a shape that reads both ways); channels-last images are
+    transposed to channels-first before flattening, with one INFO line.
+
+    :param x: the images.
+    :param str what: how to name ``x`` in messages and the log.
+    :param layout: ``None`` (detect), ``"NCHW"`` or ``"NHWC"``.
+    """
     arr = _as_numpy(x)
-    image_shape = _check_shape(arr, what)
+    image_shape, channels_last = _check_shape(arr, what, layout)
+    if channels_last:
+        logger.info(
+            "%s has shape %s: read as channels-last (N, H, W, C) images, stored as (C, H, W) = %s",
+            what,
+            tuple(arr.shape),
+            image_shape,
+        )
+        arr = np.moveaxis(arr, -1, 1)  # (N, H, W, C) → (N, C, H, W); the reshapes below copy it contiguous
     n = arr.shape[0]
     kind = arr.dtype.kind
     if arr.dtype == np.uint8:
@@ -104,20 +186,21 @@ def images_and_shape(x: Any, what: str) -> tuple[torch.Tensor, tuple[int, ...] |
         )
     else:
         raise DataError(f"{what} has dtype {arr.dtype} but images must be uint8 0..255 or float in [0, 1]")
-    return torch.from_numpy(np.ascontiguousarray(out)), image_shape
+    return Images(torch.from_numpy(np.ascontiguousarray(out)), image_shape)
 
 
 def validate_images(x: np.ndarray | torch.Tensor, *, what: str) -> torch.Tensor:
     """Check images and convert them to the float32 ``(N, D)`` layout every model in pyro_vae takes.
 
     Accepted are ``uint8`` values 0..255 (divided by 255), ``bool`` values, and float values in ``[0, 1]``, shaped
-    ``(N, H, W)``, ``(N, 1, H, W)`` or ``(N, D)``.
+    ``(N, H, W)``, ``(N, C, H, W)``, ``(N, H, W, C)`` (C = 1 or 3; see :func:`images_and_shape`) or ``(N, D)``.
 
     :param x: the images, a numpy array or torch tensor (on any device).
     :param str what: how to name ``x`` in error messages, e.g. ``"x"`` or a file name.
     :returns: a contiguous CPU float32 tensor of shape ``(N, D)`` with values in ``[0, 1]``, not sharing memory
-        with ``x``.
-    :raises DataError: if ``x`` is empty, not shaped like images, of another dtype (e.g. int64), contains NaN or
+        with ``x``; colour images are flattened channel-first, ``D = C·H·W``.
+    :raises DataError: if ``x`` is empty, not shaped like images (or ambiguous in its channel axis), of another dtype
+        (e.g. int64), contains NaN or
         infinite values, or has float values outside ``[0, 1]``.
     """
     return images_and_shape(x, what)[0]
