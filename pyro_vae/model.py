@@ -105,11 +105,14 @@ class VAE(nn.Module):
         #: (a ready family or likelihood) that a config cannot describe.
         self.config: ModelConfig | None = None
         input_shape = tuple(image_shape) if image_shape is not None else (input_dim,)
+        if len(input_shape) == 2:  # a legacy (H, W) is one grey channel
+            input_shape = (1, *input_shape)
         if math.prod(input_shape) != input_dim:
             raise ValueError(
                 f"image_shape {input_shape} has {math.prod(input_shape)} values but input_dim is {input_dim}"
             )
-        self.image_shape = input_shape if image_shape is not None else None
+        #: One image's shape ``(C, H, W)``, or ``None`` for a VAE built for flat vectors.
+        self.image_shape: tuple[int, ...] | None = input_shape if image_shape is not None else None
         if isinstance(guide, str) and isinstance(likelihood, str) and isinstance(prior, str):
             self.config = ModelConfig(
                 latent_dim=latent_dim,

@@ -415,6 +415,11 @@ def _check_inputs(vae: VAE, data: Dataset, config: RunConfig, callbacks: Sequenc
         raise ConfigError("early stopping is given twice; set train.early_stop or pass one EarlyStopping callback")
     if data.input_dim != vae.input_dim:
         raise ConfigError(f"the data have {data.input_dim} values per image but the VAE expects {vae.input_dim}")
+    if vae.image_shape is not None and data.image_shape is not None and vae.image_shape != tuple(data.image_shape):
+        raise ConfigError(
+            f"the data are images of shape {tuple(data.image_shape)} but the VAE was built for {vae.image_shape}; "
+            "build it with VAE.from_config(config.model, data.input_dim, data.image_shape)"
+        )
     check_batch_size(data.x_train.shape[0], config.train.batch_size)
     check_likelihood_data(data, config.data.binarize, vae.likelihood.name)
 
@@ -432,7 +437,7 @@ def _consistent_config(vae: VAE, config: RunConfig | None) -> RunConfig:
         ]
         raise ConfigError(
             f"config.model does not describe the VAE: {'; '.join(differ)}; "
-            "build the VAE with VAE.from_config(config.model, data.input_dim)"
+            "build the VAE with VAE.from_config(config.model, data.input_dim, data.image_shape)"
         )
     return config
 

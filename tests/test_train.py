@@ -9,7 +9,7 @@ import torch
 from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pyro_vae.data import load_dataset
-from pyro_vae.errors import DataError
+from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.model import VAE
 from pyro_vae.train import fit
 
@@ -91,3 +91,17 @@ def test_config_that_contradicts_the_vae_is_refused(small_data):
     from pyro_vae.train import _consistent_config
 
     assert _consistent_config(vae, None).model == vae.config  # without a config, the VAE describes itself
+
+
+def test_a_vae_built_for_other_data_is_refused_before_anything_is_written(small_data, tmp_path):
+    """Same number of values, other layout: a VAE built for (1, 14, 56) images must not silently train on (1, 28, 28)
+    ones; a VAE for other sizes is refused too. Both before the run directory exists."""
+    cfg = config(epochs=1)
+    wrong_shape = VAE(784, latent_dim=2, hidden_dims=(32, 16), image_shape=(1, 14, 56))
+    with pytest.raises(ConfigError, match=r"images of shape \(1, 28, 28\) but the VAE was built for \(1, 14, 56\)"):
+        fit(wrong_shape, small_data, cfg, out_dir=tmp_path / "a")
+    wrong_size = VAE(100, latent_dim=2, hidden_dims=(32, 16))
+    with pytest.raises(ConfigError, match="the data have 784 values per image but the VAE expects 100"):
+        fit(wrong_size, small_data, cfg, out_dir=tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert VAE(784, latent_dim=2, hidden_dims=(8,), image_shape=(28, 28)).image_shape == (1, 28, 28)  # legacy (H, W)
