@@ -104,22 +104,22 @@ def test_tables_and_files(data, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"guides": ["mvn_diag", "iaff:2"]}, "did you mean 'iaf'"),
-        ({"guides": ["iaf", "iaf"]}, "must be distinct"),
-        ({"guides": []}, "at least one guide"),
-        ({"guides": ["mvn_diag"], "seeds": []}, "seeds must be"),
-        ({"guides": ["mvn_diag"], "seeds": [-1]}, "^every seed must be an integer >= 0, got -1$"),
+        ({"values": ["mvn_diag", "iaff:2"]}, "did you mean 'iaf'"),
+        ({"values": ["iaf", "iaf"]}, "must be distinct"),
+        ({"values": []}, "at least one guide"),
+        ({"values": ["mvn_diag"], "seeds": []}, "seeds must be"),
+        ({"values": ["mvn_diag"], "seeds": [-1]}, "^every seed must be an integer >= 0, got -1$"),
         (
-            {"guides": ["mvn_diag"], "seeds": [2**32]},
+            {"values": ["mvn_diag"], "seeds": [2**32]},
             r"^every seed must be at most 4294967295 \(numpy seeds are 32-bit\)",
         ),
-        ({"guides": ["mvn_diag"], "isolate": True, "data": "given"}, "pass data=None"),
+        ({"values": ["mvn_diag"], "isolate": True, "data": "given"}, "pass data=None"),
         (
-            {"guides": ["mvn_diag"], "nll_k": 0},
+            {"values": ["mvn_diag"], "nll_k": 0},
             r"^nll_k \(particles per image\) must be a positive integer or None, got 0$",
         ),
         (
-            {"guides": ["mvn_diag"], "nll_images": 0},
+            {"values": ["mvn_diag"], "nll_images": 0},
             r"^nll_images \(None: all test images\) must be a positive integer or",
         ),
     ],
@@ -135,11 +135,11 @@ def test_bad_input_is_refused_before_training(kwargs, words, data):
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"guides": ["mvn_diag", "iaff:2"]}, "did you mean 'iaf'"),
-        ({"guides": ["mvn_diag"], "seeds": [0, 0]}, "seeds must be distinct"),
-        ({"guides": ["mvn_diag"], "config": TINY.replace(train={"batch_size": 1000})}, "exceeds the 300 training"),
+        ({"values": ["mvn_diag", "iaff:2"]}, "did you mean 'iaf'"),
+        ({"values": ["mvn_diag"], "seeds": [0, 0]}, "seeds must be distinct"),
+        ({"values": ["mvn_diag"], "config": TINY.replace(train={"batch_size": 1000})}, "exceeds the 300 training"),
         (
-            {"guides": ["mvn_diag"], "data": None, "config": TINY.replace(data={"dataset": "npz", "path": "no.npz"})},
+            {"values": ["mvn_diag"], "data": None, "config": TINY.replace(data={"dataset": "npz", "path": "no.npz"})},
             "no.npz",
         ),
     ],
