@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from pyro_vae.errors import ConfigError, unknown_choice
+from pyro_vae.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -100,9 +100,10 @@ def sample_bytes(samples: Samples, image_shape: Sequence[int] | None, fmt: str) 
 def _format_of(out: Path | None, fmt: str | None) -> str:
     suffix = out.suffix.lower().lstrip(".") if out is not None else ""
     if out is not None and suffix not in FORMATS:
-        if fmt is None:
-            raise unknown_choice(f"format of --out {out} (its suffix)", suffix, FORMATS)
-        raise ConfigError(f"--out {out} must end in .{fmt} for --format {fmt}")
+        raise ConfigError(
+            f"--out {out} ends in {out.suffix or 'no suffix'}; sample writes .png, .npy or .npz files: "
+            f"name the file {out.with_suffix('.' + (fmt or 'png')).name}"
+        )
     if fmt is not None and out is not None and suffix != fmt:
         raise ConfigError(
             f"--out {out} is a .{suffix} file but --format is {fmt}; pass one of them, or make them agree"
