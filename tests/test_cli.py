@@ -326,3 +326,68 @@ def test_sample_replaces_a_named_file_only_with_overwrite(small_run, tmp_path):
     (tmp_path / "exists.png").write_bytes(b"mine")
     assert cli.main(["sample", str(small_run), "--n", "4", "--out", str(tmp_path / "exists.png"), "--overwrite"]) == 0
     assert (tmp_path / "exists.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------------------------ progress
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(monkeypatch, caplog):
+    import logging
+
+    from pyro_vae.callbacks import ProgressBar
+    from pyro_vae.progress import Progress, show_bar
+
+    log = logging.getLogger("test.progress")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not show_bar() and not ProgressBar().show and show_bar(True)
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        with Progress(10, desc="work", unit="images", logger=log) as p:
+            p.update(4)
+            p.update(6, note="done")
+    lines = [r.getMessage() for r in caplog.records if r.name == "test.progress"]
+    assert [line.split(",")[0] for line in lines] == ["work: 4/10 images (40%)", "work: 10/10 images (100%)"]
+    assert lines[1].endswith("; done")
+    caplog.clear()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the one decision, for training's bar too
+    assert show_bar() and ProgressBar().show and not show_bar(False)
+    with caplog.at_level(logging.INFO, logger="test.progress"), Progress(3, desc="work", unit="runs", logger=log) as p:
+        p.update(3, note="x")
+        assert p.bar.n == 3 and not p.bar.disable
+    assert not [r for r in caplog.records if r.name == "test.progress"]  # a bar, no log lines
+
+
+def test_evaluate_logs_one_line_per_chunk_off_a_terminal(small_run, caplog, capsys):
+    import logging
+
+    # 40 test images, k = 4 particles, 40 particles x images per pass: 10 images per chunk, so 4 chunks
+    with caplog.at_level(logging.INFO, logger="pyro_vae.cli.commands"):
+        argv = ["evaluate", str(small_run), "--k", "1,4", "--chunk-size", "40", "--out", str(small_run / "e.json")]
+        assert cli.main(argv) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluate: ")]
+    assert [line.split(" (")[0] for line in lines] == [f"evaluate: {n}/40 images" for n in (10, 20, 30, 40)]
+    assert "test ELBO" in capsys.readouterr().out
+
+
+def test_evaluate_progress_does_not_change_the_numbers(small_run):
+    from pyro_vae.evaluation import evaluate
+    from pyro_vae.run_dir import load_run
+
+    run = load_run(small_run)
+    x = run.test_images()
+    seen = []
+    with_progress = evaluate(run.vae, x, (1, 4), chunk_size=40, seed=1, progress=seen.append)
+    assert seen == [10, 10, 10, 10]
+    assert with_progress == evaluate(run.vae, x, (1, 4), chunk_size=40, seed=1)
+
+
+# ---------------------------------------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("command", [(), ("train",), ("evaluate",), ("sample",), ("compare",)])
+def test_every_help_lists_every_registry_name(command):
+    parser = cli.build_parser()
+    if command:
+        parser = parser._subparsers._group_actions[0].choices[command[0]]
+    text = " ".join(parser.format_help().split("registered names")[1].split())  # the epilog, unwrapped
+    for key, names in cli.REGISTRIES.items():
+        assert f"{key.replace('_', ' ')}: {', '.join(sorted(names))}" in text
