@@ -549,6 +549,14 @@ def test_a_grey_level_likelihood_on_binarised_data_gets_one_warning_line(capsys,
     with caplog.at_level(logging.WARNING):
         run(capsys, "train", "--likelihood", "continuous_bernoulli", "--binarize", "none", "--out", tmp_path / "o")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    import pyro_vae.compare
+
+    monkeypatch.setattr(pyro_vae.compare, "load_dataset", stop)
+    with caplog.at_level(logging.WARNING):  # compare: once, not once per value
+        argv = ["compare", "--vary", "guide=mvn_diag,iaf:2", "--likelihood", "continuous_bernoulli"]
+        code, lines = run(capsys, *argv, "--out", tmp_path / "c")
+    assert lines == ["pyro-vae: error: stopped at the data load"]
+    assert len([r for r in caplog.records if "pass --binarize none" in r.getMessage()]) == 1
 
 
 def test_the_binarisation_rule_reads_the_likelihood_s_attribute_not_its_name(monkeypatch):

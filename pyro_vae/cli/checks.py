@@ -6,12 +6,8 @@ batch against ``--n-train``) is checked here. Heavy imports happen inside the fu
 
 from __future__ import annotations
 
-import logging
-
 from pyro_vae.config import RunConfig
 from pyro_vae.errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["binarization_hint", "check_before_load"]
 
@@ -43,9 +39,9 @@ def binarization_hint(likelihood: str, binarize: str) -> str | None:
     return None
 
 
-def check_before_load(config: RunConfig, *, device: bool = True) -> None:
-    """Every check of ``config`` that needs no data, raising :class:`ConfigError` (one line) on the first failure
-    and logging one warning line for a legal but unlikely combination (:func:`binarization_hint`).
+def check_before_load(config: RunConfig, *, device: bool = True) -> str | None:
+    """Every check of ``config`` that needs no data, raising :class:`ConfigError` (one line) on the first failure.
+    Returns the hint on a legal but unlikely combination (:func:`binarization_hint`), for the command to log once.
 
     :param config: the run config as built from the flags.
     :param bool device: check that the device exists (default); under torchrun each process's session resolves its
@@ -56,8 +52,6 @@ def check_before_load(config: RunConfig, *, device: bool = True) -> None:
 
     make_schedule(config.train.kl_schedule)  # its values (linear:0, ...) are refused here, before any data load
     hint = binarization_hint(config.model.likelihood, config.data.binarize)
-    if hint is not None:
-        logger.warning(hint)
     if config.data.n_train is not None:
         # --n-train caps the training set: a batch above the cap is refused now (a smaller file still is, on load)
         check_batch_size(config.data.n_train, config.train.batch_size)
@@ -65,3 +59,4 @@ def check_before_load(config: RunConfig, *, device: bool = True) -> None:
         from pyro_vae.distributed import resolve_device
 
         resolve_device(config.train.device)
+    return hint

@@ -58,7 +58,9 @@ def _train_target(args: argparse.Namespace) -> tuple[Path, Path | None, RunConfi
     if args.force_resume:
         raise ConfigError("--force-resume only applies with --resume DIR")
     config = config_from_args(args)
-    check_before_load(config, device=not _under_torchrun())
+    hint = check_before_load(config, device=not _under_torchrun())
+    if hint is not None:
+        logger.warning(hint)
     if args.out is None and _under_torchrun():
         raise ConfigError("under torchrun pass --out DIR: every process must name the same run directory")
     if args.out is None:
@@ -185,8 +187,9 @@ def _compare_variants(args: argparse.Namespace, config: RunConfig) -> tuple[str,
     section = vary_fields()[field]
     if field != "guide" and getattr(args, field, None) is not None:
         raise ConfigError(f"--{field.replace('_', '-')} and --vary {field}=... both set the {field}; pass one of them")
-    for value in values:
-        check_before_load(config.replace(**{section: {field: value}}))
+    hints = [check_before_load(config.replace(**{section: {field: value}})) for value in values]
+    for hint in dict.fromkeys(h for h in hints if h is not None):  # once each, in order
+        logger.warning(hint)
     return field, values
 
 
