@@ -32,7 +32,6 @@ import logging
 import math
 import shlex
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,6 +41,7 @@ from tqdm import tqdm
 from pyro_vae.config import check_float, check_int
 from pyro_vae.distributed import any_rank
 from pyro_vae.errors import ConfigError, PyroVAEError
+from pyro_vae.progress import show_bar
 from pyro_vae.stats import MeanSE
 
 logger = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class ProgressBar(Callback):
     """
 
     def __init__(self, show: bool | None = None):
-        self.show = sys.stderr.isatty() if show is None else show
+        self.show = show_bar(show)
         self.bar = None
 
     def on_fit_start(self, loop) -> None:

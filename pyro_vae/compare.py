@@ -1,24 +1,35 @@
-r"""Compare guide families under one protocol: :func:`compare` trains each family with each seed and tabulates.
+r"""Compare the values of one option under one protocol: :func:`compare` trains each value with each seed and
+tabulates. The option is the guide family by default; ``field`` names any of :func:`vary_fields` (the guide, the
+likelihood, the objective, and the prior and network where the config has them), e.g.
+``compare(["bernoulli", "continuous_bernoulli"], config, seeds, field="likelihood")``.
 
-Every (family, seed) run gets the same budget and everything that can be shared:
+Every (value, seed) run gets the same budget and everything that can be shared:
 
 - **data**: the same training order, dynamic binarisation and binarised test split (all functions of the seed, see
-  :class:`~pyro_vae.data.EpochBatches`), the same epochs, batch size, learning rate and objective;
+  :class:`~pyro_vae.data.EpochBatches`), the same epochs, batch size, learning rate and (unless it is what varies)
+  objective;
 - **initial weights**: :func:`initial_vae` draws the encoder body and the decoder from a generator seeded by the
-  seed alone, so they are identical across families; the encoder head (whose width is ``family.num_params``) is
-  drawn from its own seeded stream, so its first rows, the ones that emit the base Gaussian's numbers, coincide
-  too; the family's own networks (a flow's hyper-networks) come from a stream seeded by (seed, family);
+  seed alone, layer by layer in module order, so they are identical across values wherever the shapes agree (across
+  guides and objectives all of them; across likelihoods with a different decoder width every layer but the last);
+  the encoder head (whose width is ``family.num_params``) is drawn from its own seeded stream, so its first rows,
+  the ones that emit the base Gaussian's numbers, coincide too; the family's own networks (a flow's hyper-networks)
+  come from a stream seeded by (seed, family). Each run records how many of its numbers start equal to the first
+  value's (:func:`shared_weights`: same name, shape and values), and the report says which share none;
 - **noise**: :func:`pyro_vae.train.fit` seeds Pyro with the seed before the first step.
 
 So a row is reproducible on its own: ``fit(initial_vae(model, D, s), data, config with seed s)`` gives the same
 numbers as the row's run for seed s.
 
-Reported per family (a :class:`CompareRow`):
+Reported per value (a :class:`CompareRow`):
 
 - **test ELBO** after the last epoch (nats per image, on the binarised test split): mean over seeds ± its standard
   error :math:`\mathrm{sd} / \sqrt{S}`;
 - **seconds per epoch**: the median over all epochs of all seeds of the training time of an epoch (SVI steps only,
-  without the per-epoch evaluation), and its ratio to ``mvn_diag``'s median when ``mvn_diag`` is compared;
+  without the per-epoch evaluation), and its ratio to the reference value's median (:func:`reference_value`: the
+  option's default, ``mvn_diag`` for guides, when it is compared, else the first value). Timings taken while the
+  machine was busy are flagged: the 1-minute load average (:func:`machine_load`, our own threads included) is read
+  before and after every run, and a run during which it exceeded the number of CPUs competed for them, so its
+  seconds, and every ratio they enter, are marked as taken under load;
 - **peak memory**: the growth of the process's resident set during a run (training and its per-epoch evaluations),
   measured by :class:`pyro_vae._memory.PeakRSS` (Linux's ``VmHWM`` after a reset, minus the RSS at the start, in
   MiB); the maximum over seeds. A tiny warm-up step with the same family, objective and optimiser runs first, so
@@ -46,6 +57,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,25 +67,42 @@ import torch
 from pyro.infer import SVI
 
 from pyro_vae._memory import PeakRSS
-from pyro_vae.checkpoint import atomic_write_bytes, environment_info
+from pyro_vae.checkpoint import atomic_write_bytes, environment_info, safe_name
 from pyro_vae.compare_report import REFERENCE_GUIDE, CompareResult, CompareRow, SeedRun, summarise
-from pyro_vae.config import SEED_MAX, ModelConfig, RunConfig, check_int
+from pyro_vae.config import SECTIONS, SEED_MAX, ModelConfig, RunConfig, check_int
 from pyro_vae.data import Dataset, binarize_eval, check_batch_size, check_likelihood_data, derive_seed, load_dataset
-from pyro_vae.errors import ConfigError, NonFiniteLossError
+from pyro_vae.errors import ConfigError, NonFiniteLossError, unknown_choice
 from pyro_vae.evaluation import DataProtocol, evaluate, evaluate_elbo
 from pyro_vae.guides import make_family
+from pyro_vae.likelihoods import make_likelihood
 from pyro_vae.model import VAE
 from pyro_vae.objectives import make_objective
 from pyro_vae.optim import adamw
+from pyro_vae.progress import Progress
 from pyro_vae.stats import MeanSE
 from pyro_vae.train import fit
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SeedRun", "CompareRow", "CompareResult", "compare", "initial_vae", "REFERENCE_GUIDE"]
+__all__ = [
+    "REFERENCE_GUIDE",
+    "VARY_FIELDS",
+    "CompareResult",
+    "CompareRow",
+    "SeedRun",
+    "compare",
+    "initial_vae",
+    "machine_load",
+    "reference_value",
+    "shared_weights",
+    "vary_fields",
+]
 
 #: The files a comparison writes into its output directory (besides ``runs/``, one run directory per run).
 COMPARE_FILES = ("config.json", "compare.md", "compare.csv", "runs.csv")
+#: The options a comparison may vary, one at a time, where the config has them (:func:`vary_fields`): data, seed
+#: and budget stay shared, so only model choices and the objective are here.
+VARY_FIELDS = ("guide", "prior", "likelihood", "network", "objective")
 
 
 def initial_vae(model: ModelConfig, input_dim: int, seed: int) -> VAE:
@@ -115,11 +144,44 @@ def _warm_up(config: RunConfig, input_dim: int) -> None:
 
 
 class _Job(NamedTuple):
-    """One (family, seed) run of a comparison and where it writes (``None``: nowhere)."""
+    """One (value, seed) run of a comparison: its full config, the model config whose initial weights it shares, and
+    where it writes (``None``: nowhere)."""
 
-    guide: str
+    variant: str
     seed: int
     run_dir: Path | None
+    config: RunConfig
+    reference_model: ModelConfig
+
+
+def vary_fields() -> dict[str, str]:
+    """The options a comparison can vary in this version of the config: field name → section (``"model"`` or
+    ``"train"``), in the order of :data:`VARY_FIELDS`."""
+    present = {name: section for section in ("model", "train") for name in _field_names(section)}
+    return {name: present[name] for name in VARY_FIELDS if name in present}
+
+
+def _field_names(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(SECTIONS[section])]
+
+
+def shared_weights(vae: VAE, reference: VAE) -> int:
+    """Trainable numbers of ``vae`` held by a parameter that ``reference`` has under the same name, with the same
+    shape and the same values: what two runs of a comparison share at the start."""
+    theirs = dict(reference.named_parameters())
+    return sum(
+        p.numel()
+        for name, p in vae.named_parameters()
+        if p.requires_grad and name in theirs and theirs[name].shape == p.shape and torch.equal(theirs[name], p)
+    )
+
+
+def machine_load() -> float | None:
+    """The machine's 1-minute load average (runnable threads, ours included), or ``None`` where the system has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows has no getloadavg; a sandbox may refuse it
+        return None
 
 
 def _nll(vae: VAE, data: Dataset, config: RunConfig, nll_k: int, nll_images: int | None) -> tuple[MeanSE, float, int]:
@@ -134,34 +196,33 @@ def _nll(vae: VAE, data: Dataset, config: RunConfig, nll_k: int, nll_images: int
     return nll, time.perf_counter() - start, x_test.shape[0]
 
 
-def _run(
-    job: _Job, config: RunConfig, data: Dataset | None, nll_k: int | None, nll_images: int | None, overwrite: bool
-):
-    """Train one family with one seed, then estimate its NLL; loads the data when not given (in a child process)."""
-    if config.train.threads is not None:
-        torch.set_num_threads(config.train.threads)
+def _run(job: _Job, data: Dataset | None, nll_k: int | None, nll_images: int | None, overwrite: bool) -> SeedRun:
+    """Train one value with one seed, then estimate its NLL; loads the data when not given (in a child process)."""
+    run_config = job.config
+    if run_config.train.threads is not None:
+        torch.set_num_threads(run_config.train.threads)
     if data is None:
-        data = load_dataset(config.data)
-    run_config = config.replace(model={"guide": job.guide}, train={"seed": job.seed})
+        data = load_dataset(run_config.data)
     vae = initial_vae(run_config.model, data.input_dim, job.seed)
+    shared = shared_weights(vae, initial_vae(job.reference_model, data.input_dim, job.seed))
     _warm_up(run_config, data.input_dim)
     result = failure = None
     with PeakRSS() as memory:
         try:
             result = fit(vae, data, run_config, out_dir=job.run_dir, overwrite=overwrite)
         except NonFiniteLossError as err:
-            # a family that diverges under the shared protocol is a result to report, not a reason to lose the others
-            logger.warning("%s seed %d diverged: %s", job.guide, job.seed, err)
+            # a value that diverges under the shared protocol is a result to report, not a reason to lose the others
+            logger.warning("%s seed %d diverged: %s", job.variant, job.seed, err)
             failure = str(err)
     if result is not None and not result.epochs:
         raise ConfigError(
-            f"the run of {job.guide} with seed {job.seed} finished no epoch; raise --max-steps or --epochs"
+            f"the run of {job.variant} with seed {job.seed} finished no epoch; raise --max-steps or --epochs"
         )
     nll = nll_seconds = None
     if result is not None and nll_k is not None:
         nll, nll_seconds, nll_images = _nll(vae, data, run_config, nll_k, nll_images)
     return SeedRun(
-        guide=job.guide,
+        variant=job.variant,
         seed=job.seed,
         test_elbo=MeanSE(math.nan, math.nan) if result is None else result.test_elbo,
         epoch_seconds=() if result is None else tuple(e.seconds for e in result.epochs),
@@ -174,20 +235,34 @@ def _run(
         nll_seconds=nll_seconds,
         nll_images=nll_images if nll is not None else None,
         failure=failure,
+        shared_weights=shared,
     )
 
 
-def _check_guides(guides: Sequence[str], latent_dim: int) -> list[str]:
-    guides = [str(g).strip() for g in guides]
-    if not guides or any(not g for g in guides):
-        raise ConfigError(f"give at least one guide family, separated by commas, got {guides!r}")
-    duplicates = sorted({g for g in guides if guides.count(g) > 1})
+def _check_values(values: Sequence[str], field: str) -> list[str]:
+    fields = vary_fields()
+    if field not in fields:
+        raise unknown_choice("option to vary", field, fields)
+    values = [str(v).strip() for v in values]
+    if not values or any(not v for v in values):
+        raise ConfigError(f"give at least one {field}, separated by commas, got {values!r}")
+    duplicates = sorted({v for v in values if values.count(v) > 1})
     if duplicates:
-        raise ConfigError(f"guide families must be distinct, {duplicates} appear more than once")
+        raise ConfigError(f"the values of {field} must be distinct, {duplicates} appear more than once")
+    return values
+
+
+def _run_configs(values: Sequence[str], field: str, config: RunConfig) -> dict[str, RunConfig]:
+    """Each value's run config; every one is checked as a run would check it (field bounds and specs, the
+    likelihood against the binarisation, and the registries by building what they name), before any data load."""
+    configs = {value: config.replace(**{vary_fields()[field]: {field: value}}) for value in values}
     with torch.random.fork_rng(devices=[]):  # building a flow draws its initial weights: leave the caller's RNG be
-        for guide in guides:
-            make_family(guide, latent_dim)  # unknown names and bad specs fail here, before any training
-    return guides
+        for run_config in configs.values():
+            model, train = run_config.model, run_config.train
+            make_family(model.guide, model.latent_dim, **model.guide_options)  # unknown names and bad specs fail here
+            make_likelihood(model.likelihood)
+            make_objective(train.objective, train.num_particles)
+    return configs
 
 
 def _check_counts(seeds, nll_k, nll_images) -> list[int]:
@@ -203,10 +278,11 @@ def _check_counts(seeds, nll_k, nll_images) -> list[int]:
     return seeds
 
 
-def _check_data(data: Dataset, config: RunConfig) -> None:
+def _check_data(data: Dataset, configs: Sequence[RunConfig]) -> None:
     """What every run's :func:`~pyro_vae.train.fit` would refuse, refused once before anything is written."""
-    check_batch_size(data.x_train.shape[0], config.train.batch_size)
-    check_likelihood_data(data, config.data.binarize, config.model.likelihood)
+    for config in configs:
+        check_batch_size(data.x_train.shape[0], config.train.batch_size)
+        check_likelihood_data(data, config.data.binarize, config.model.likelihood)
 
 
 def _check_out_dir(out: Path, jobs: Sequence[_Job], overwrite: bool) -> None:
@@ -225,24 +301,51 @@ def _check_out_dir(out: Path, jobs: Sequence[_Job], overwrite: bool) -> None:
         )
 
 
-def _write_manifest(out: Path, config: RunConfig, guides: Sequence[str], seeds: Sequence[int]) -> None:
+def _write_manifest(out: Path, config: RunConfig, field: str, values: Sequence[str], seeds: Sequence[int]) -> None:
     """``config.json``: what is being compared and on what software, written before the first run."""
     record = {
         "config": config.to_dict(),
-        "guides": list(guides),
+        "vary": field,
+        "values": list(values),
         "seeds": list(seeds),
         "environment": environment_info(),
     }
+    if field == "guide":
+        record["guides"] = list(values)  # the key of the guide-only comparisons of earlier versions
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "config.json", lambda f: f.write(text.encode()))
 
 
+def _run_dir(out: Path | None, value: str, seed: int) -> Path | None:
+    """``out/runs/<value>-seed<s>``, the value made a plain name (its options come from the user)."""
+    name = f"{value.replace(':', '-').replace('/', '-')}-seed{seed}"
+    return None if out is None else out / "runs" / safe_name(name, what="run name")
+
+
+def _jobs(configs: dict[str, RunConfig], seeds: Sequence[int], out: Path | None) -> list[_Job]:
+    """Seed by seed, every value: the first value's model is the one whose initial weights the others share."""
+    reference = next(iter(configs.values())).model
+    return [
+        _Job(
+            value,
+            seed,
+            _run_dir(out, value, seed),
+            # compare shows a line per run; a step bar per run beside it would be noise (unless asked for)
+            run_config.replace(train={"seed": seed, "progress": bool(run_config.train.progress)}),
+            reference,
+        )
+        for seed in seeds
+        for value, run_config in configs.items()
+    ]
+
+
 def compare(
-    guides: Sequence[str],
+    values: Sequence[str],
     config: RunConfig | None = None,
     seeds: Sequence[int] = (0,),
     *,
+    field: str = "guide",
     data: Dataset | None = None,
     out_dir: str | Path | None = None,
     overwrite: bool = False,
@@ -250,62 +353,77 @@ def compare(
     nll_k: int | None = 1000,
     nll_images: int | None = None,
 ) -> CompareResult:
-    """Train every family in ``guides`` with every seed under the same protocol, and tabulate.
+    """Train with every value of one option (``field``) and every seed under the same protocol, and tabulate.
 
-    Everything is checked first (the arguments, the data against the config, the output directory); a refused
-    comparison writes nothing.
+    Everything is checked first (the field, every value's run config, the arguments, the data against each config,
+    the output directory); a refused comparison writes nothing.
 
-    :param guides: family specs, e.g. ``["mvn_diag", "full_rank", "low_rank:4", "iaf:2"]``.
-    :param config: the shared run configuration (default :class:`~pyro_vae.config.RunConfig()`); its
-        ``model.guide`` and ``train.seed`` are set per run.
+    :param values: the values of ``field``, e.g. guide specs ``["mvn_diag", "full_rank", "low_rank:4", "iaf:2"]``,
+        or likelihoods ``["bernoulli", "continuous_bernoulli"]``.
+    :param config: the shared run configuration (default :class:`~pyro_vae.config.RunConfig()`); its ``field`` and
+        ``train.seed`` are set per run.
     :param seeds: the seeds, each an integer ≥ 0.
+    :param str field: the option that varies, one of :func:`vary_fields` (default ``"guide"``).
     :param data: the data set; default: loaded from ``config.data`` (once here to check it, and again in each run's
         process when ``isolate``).
-    :param out_dir: where ``config.json`` (the configuration, families, seeds and software versions), each run's
-        directory (``runs/<guide>-seed<s>``) and the tables (``compare.md``, ``compare.csv``, ``runs.csv``) are
+    :param out_dir: where ``config.json`` (the configuration, the values, seeds and software versions), each run's
+        directory (``runs/<value>-seed<s>``) and the tables (``compare.md``, ``compare.csv``, ``runs.csv``) are
         written; ``None`` writes nothing.
     :param bool overwrite: replace an earlier comparison in ``out_dir`` (its files and the run directories of the
         runs compared now); default ``False`` refuses such a directory.
-    :param bool isolate: run every (family, seed) in a fresh process, one at a time, so that memory is measured per
+    :param bool isolate: run every (value, seed) in a fresh process, one at a time, so that memory is measured per
         run; ``data`` must then be ``None``.
     :param nll_k: particles of the importance-sampled NLL of every run (default 1000); ``None`` skips it.
     :param nll_images: estimate the NLL on the first this many test images (default ``None``: all of them).
-    :returns: a :class:`CompareResult`, rows in the order of ``guides``.
+    :returns: a :class:`CompareResult`, rows in the order of ``values``.
     """
     config = config or RunConfig()
-    guides = _check_guides(guides, config.model.latent_dim)
+    values = _check_values(values, field)
+    configs = _run_configs(values, field, config)
     seeds = _check_counts(seeds, nll_k, nll_images)
     if isolate and data is not None:
         raise ConfigError("isolate=True loads the data in each run's process from config.data; pass data=None")
     out = Path(out_dir) if out_dir is not None else None
-    jobs = [
-        _Job(guide, seed, None if out is None else out / "runs" / f"{guide.replace(':', '-')}-seed{seed}")
-        for seed in seeds
-        for guide in guides
-    ]
+    jobs = _jobs(configs, seeds, out)
     if out is not None:
         _check_out_dir(out, jobs, overwrite)
     checked = data if data is not None else load_dataset(config.data)
-    _check_data(checked, config)
+    _check_data(checked, list(configs.values()))
     if out is not None:
-        _write_manifest(out, config, guides, seeds)
-    runs = _run_jobs(jobs, config, None if isolate else checked, nll_k, nll_images, overwrite)
-    result = CompareResult(summarise(guides, runs), runs, config, runs[0].dataset, isolate, nll_k)
+        _write_manifest(out, config, field, values, seeds)
+    runs = _run_jobs(jobs, None if isolate else checked, nll_k, nll_images, overwrite)
+    reference, cpus = reference_value(field, values), os.cpu_count()
+    rows = summarise(values, runs, reference, cpus)
+    result = CompareResult(rows, runs, config, runs[0].dataset, isolate, nll_k, field, cpus, reference)
     if out is not None:
         result.write(out)
     return result
 
 
-def _run_jobs(jobs, config, data: Dataset | None, nll_k, nll_images, overwrite: bool) -> list[SeedRun]:
-    """Every job in order: in this process with ``data``, or each in a fresh process when ``data`` is ``None``."""
+def reference_value(field: str, values: Sequence[str]) -> str:
+    """The value the time ratio is taken against: the field's default (``mvn_diag`` for the guide) when it is
+    compared, else the first value."""
+    default = next(f.default for f in dataclasses.fields(SECTIONS[vary_fields()[field]]) if f.name == field)
+    return default if default in values else values[0]
+
+
+def _run_jobs(jobs: Sequence[_Job], data: Dataset | None, nll_k, nll_images, overwrite: bool) -> list[SeedRun]:
+    """Every job in order: in this process with ``data``, or each in a fresh process when ``data`` is ``None``; the
+    machine's load is read before and after each, and progress is shown per run (:class:`pyro_vae.progress.Progress`).
+    """
     runs = []
-    for job in jobs:
-        if data is None:
-            context = multiprocessing.get_context("spawn")
-            # a fresh process per run (max_tasks_per_child would need Python 3.11)
-            with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                runs.append(pool.submit(_run, job, config, None, nll_k, nll_images, overwrite).result())
-        else:
-            runs.append(_run(job, config, data, nll_k, nll_images, overwrite))
-        logger.info("%s seed %d: test ELBO %s", job.guide, job.seed, runs[-1].test_elbo)
+    with Progress(len(jobs), desc="compare", unit="runs", logger=logger) as progress:
+        for job in jobs:
+            before, start = machine_load(), time.perf_counter()
+            if data is None:
+                context = multiprocessing.get_context("spawn")
+                # a fresh process per run (max_tasks_per_child would need Python 3.11)
+                with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                    run = pool.submit(_run, job, None, nll_k, nll_images, overwrite).result()
+            else:
+                run = _run(job, data, nll_k, nll_images, overwrite)
+            runs.append(run._replace(load_before=before, load_after=machine_load()))
+            nll = "" if run.nll_seconds is None else f" (IS-NLL {run.nll_seconds:.0f} s)"
+            note = f"{job.variant} seed {job.seed}: test ELBO {run.test_elbo}, {time.perf_counter() - start:.0f} s{nll}"
+            progress.update(1, note)
     return runs

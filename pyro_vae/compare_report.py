@@ -1,9 +1,9 @@
 """The records of :func:`pyro_vae.compare.compare` and their tables: plain text, Markdown and CSV.
 
-:class:`SeedRun` is one (family, seed) run; :func:`summarise` turns the runs into one :class:`CompareRow` per family
+:class:`SeedRun` is one (value, seed) run; :func:`summarise` turns the runs into one :class:`CompareRow` per value
 (mean ± standard error over seeds from :mod:`pyro_vae.stats`, the median seconds per epoch, the largest peak
-memory); :class:`CompareResult` holds both and formats them. Nothing here trains or measures, so a saved comparison
-can be re-tabulated without torch doing any work.
+memory, the runs timed under load); :class:`CompareResult` holds both and formats them. Nothing here trains or
+measures, so a saved comparison can be re-tabulated without torch doing any work.
 """
 
 from __future__ import annotations
@@ -22,16 +22,24 @@ from pyro_vae.checkpoint import atomic_write_bytes
 from pyro_vae.config import RunConfig
 from pyro_vae.stats import MeanSE, mean_se
 
-__all__ = ["REFERENCE_GUIDE", "CompareResult", "CompareRow", "SeedRun", "summarise"]
+__all__ = ["REFERENCE_GUIDE", "CompareResult", "CompareRow", "SeedRun", "summarise", "under_load"]
 
-#: The family that the time ratio is measured against.
+#: The family that the time ratio is measured against when guides are compared (the guide's default).
 REFERENCE_GUIDE = "mvn_diag"
+#: The mark on a timing taken while the machine was busy (see :func:`under_load`).
+LOAD_MARK = "*"
+
+
+def under_load(load: float | None, cpus: int | None) -> bool:
+    """Whether a 1-minute load average ``load`` (runnable threads, this process's included) means that threads
+    competed for the ``cpus`` CPUs: more were runnable than there are CPUs. Unknown load or CPUs is not flagged."""
+    return load is not None and cpus is not None and load > cpus
 
 
 class SeedRun(NamedTuple):
-    """One training run of one family with one seed.
+    """One training run of one value with one seed.
 
-    :ivar guide: the family spec, e.g. ``"low_rank:4"``.
+    :ivar variant: the value of the option compared, e.g. the family spec ``"low_rank:4"``.
     :ivar seed: the run's seed.
     :ivar test_elbo: test ELBO after the last epoch, mean over test images ± standard error.
     :ivar epoch_seconds: training seconds of each epoch.
@@ -46,9 +54,13 @@ class SeedRun(NamedTuple):
     :ivar nll_images: test images the NLL was estimated on.
     :ivar failure: ``None`` for a completed run; for a run that diverged (a non-finite loss or gradient, see
         :class:`~pyro_vae.errors.NonFiniteLossError`), the error message, and then ``test_elbo`` is NaN.
+    :ivar shared_weights: trainable numbers that start equal to the first value's initial VAE (same name, shape and
+        values), or ``None`` when not measured.
+    :ivar load_before: the machine's 1-minute load average before the run (``None``: not available).
+    :ivar load_after: the same after the run.
     """
 
-    guide: str
+    variant: str
     seed: int
     test_elbo: MeanSE
     epoch_seconds: tuple[float, ...]
@@ -61,24 +73,38 @@ class SeedRun(NamedTuple):
     nll_seconds: float | None = None
     nll_images: int | None = None
     failure: str | None = None
+    shared_weights: int | None = None
+    load_before: float | None = None
+    load_after: float | None = None
+
+    @property
+    def guide(self) -> str:
+        """The value compared (the name from when only guides were compared; figures read it)."""
+        return self.variant
+
+    def loaded(self, cpus: int | None) -> bool:
+        """Whether the run was timed under load on a machine of ``cpus`` CPUs (:func:`under_load` before or after)."""
+        return under_load(self.load_before, cpus) or under_load(self.load_after, cpus)
 
 
 class CompareRow(NamedTuple):
-    """One family's line of the comparison table.
+    """One value's line of the comparison table.
 
-    :ivar guide: the family spec.
+    :ivar variant: the value compared, e.g. a family spec.
     :ivar num_params: raw width per data point.
     :ivar num_weights: trainable numbers in the VAE.
     :ivar test_elbo: test ELBO, mean over seeds ± standard error over seeds (``se`` is NaN with one seed).
     :ivar seconds_per_epoch: median training seconds per epoch over all epochs of all seeds.
-    :ivar time_ratio: ``seconds_per_epoch`` over the reference family's (``None`` when it was not compared).
+    :ivar time_ratio: ``seconds_per_epoch`` over the reference value's (``None`` when it was not compared).
     :ivar peak_memory_mib: largest resident-set growth over the seeds, or ``None`` where it cannot be measured.
     :ivar seeds: number of seeds.
     :ivar nll: IS-NLL, mean over seeds ± standard error over seeds, or ``None`` when not evaluated.
     :ivar diverged: runs that stopped on a non-finite loss or gradient; the statistics above cover the others.
+    :ivar loaded: runs timed while the machine was busy (their seconds enter ``seconds_per_epoch``).
+    :ivar time_loaded: whether ``time_ratio`` rests on a run timed under load, this value's or the reference's.
     """
 
-    guide: str
+    variant: str
     num_params: int
     num_weights: int
     test_elbo: MeanSE
@@ -88,9 +114,16 @@ class CompareRow(NamedTuple):
     seeds: int
     nll: MeanSE | None = None
     diverged: int = 0
+    loaded: int = 0
+    time_loaded: bool = False
+
+    @property
+    def guide(self) -> str:
+        """The value compared (the name from when only guides were compared; figures read it)."""
+        return self.variant
 
 
-_HEADER = ("guide", "raw width", "weights", "test ELBO (nats)", "s/epoch", f"× {REFERENCE_GUIDE}", "peak RSS (MiB)")
+_HEADER = ("guide", "raw width", "weights", "test ELBO (nats)", "s/epoch", "× reference", "peak RSS (MiB)")
 _NLL_HEADER = "IS-NLL (nats)"
 
 
@@ -105,14 +138,17 @@ def _fmt_mean_se(value: MeanSE | None) -> str:
 
 
 class CompareResult(NamedTuple):
-    """The outcome of :func:`compare`: one :class:`CompareRow` per family, in the order given, and every run.
+    """The outcome of :func:`compare`: one :class:`CompareRow` per value, in the order given, and every run.
 
     :ivar rows: the table.
-    :ivar runs: the (family, seed) runs behind it.
-    :ivar config: the run configuration shared by every run (its model guide and train seed are per run).
+    :ivar runs: the (value, seed) runs behind it.
+    :ivar config: the run configuration shared by every run (the compared field and the train seed are per run).
     :ivar dataset: the data set's name.
     :ivar isolated: whether each run had its own process.
     :ivar nll_k: particles of the IS-NLL, or ``None`` when it was not evaluated.
+    :ivar field: the option compared (``"guide"``, ``"likelihood"``, ...).
+    :ivar cpus: the machine's CPUs (``os.cpu_count()``), against which the load is judged.
+    :ivar reference: the value the time ratio is taken against (default :data:`REFERENCE_GUIDE`).
     """
 
     rows: list[CompareRow]
@@ -121,11 +157,15 @@ class CompareResult(NamedTuple):
     dataset: str
     isolated: bool
     nll_k: int | None = None
+    field: str = "guide"
+    cpus: int | None = None
+    reference: str = REFERENCE_GUIDE
 
     def _header(self) -> tuple[str, ...]:
+        header = (self.field, *_HEADER[1:5], f"× {self.reference}", *_HEADER[6:])
         if self.nll_k is None:
-            return _HEADER
-        return (*_HEADER[:4], f"IS-NLL k={self.nll_k} (nats)", *_HEADER[4:])
+            return header
+        return (*header[:4], f"IS-NLL k={self.nll_k} (nats)", *header[4:])
 
     def _cells(self) -> list[tuple[str, ...]]:
         cells = []
@@ -139,8 +179,8 @@ class CompareResult(NamedTuple):
                     str(row.num_weights),
                     _fmt_mean_se(row.test_elbo) + diverged,
                     *nll,
-                    _fmt(row.seconds_per_epoch, ".2f"),
-                    _fmt(row.time_ratio, ".2f"),
+                    _fmt(row.seconds_per_epoch, ".2f") + (f" {LOAD_MARK}" if row.loaded else ""),
+                    _fmt(row.time_ratio, ".2f") + (f" {LOAD_MARK}" if row.time_loaded else ""),
                     _fmt(row.peak_memory_mib, ".0f"),
                 )
             )
@@ -157,7 +197,8 @@ class CompareResult(NamedTuple):
             f"{self.runs[0].nll_images} test images, likewise"
         )
         return (
-            f"{self.dataset}, binarize={dc.binarize}; L={mc.latent_dim}, hidden {','.join(map(str, mc.hidden_dims))}, "
+            f"{self.field} compared; {self.dataset}, binarize={dc.binarize}; L={mc.latent_dim}, "
+            f"hidden {','.join(map(str, mc.hidden_dims))}, "
             f"{mc.likelihood} likelihood; {tc.epochs} epochs of batch {tc.batch_size}"
             f"{'' if tc.max_steps is None else f' (at most {tc.max_steps} steps)'}, AdamW lr {tc.lr:g}, "
             f"objective {tc.objective} with {tc.num_particles} particle(s); seeds {seeds}; "
@@ -166,11 +207,36 @@ class CompareResult(NamedTuple):
             "Test ELBO after the last epoch: mean over seeds ± standard error over seeds"
             f"{nll}"
             ". s/epoch: median training "
-            f"time of an epoch (SVI steps, no evaluation) over all epochs and seeds; × {REFERENCE_GUIDE}: its ratio "
-            f"to {REFERENCE_GUIDE}'s. Peak RSS: growth of the resident set during a run (VmHWM after a reset, minus "
+            f"time of an epoch (SVI steps, no evaluation) over all epochs and seeds; × {self.reference}: its ratio "
+            f"to {self.reference}'s. Peak RSS: growth of the resident set during a run (VmHWM after a reset, minus "
             "RSS at the start), the largest over seeds. Raw width: encoder outputs per image; weights: trainable "
-            "numbers of the VAE."
+            f"numbers of the VAE. {self._load_note()}{self._sharing_note()}"
         )
+
+    def _load_note(self) -> str:
+        """What the machine's load says about the timings."""
+        if self.cpus is None or all(run.load_before is None and run.load_after is None for run in self.runs):
+            return "The machine's load was not measured: compare timings only from an otherwise idle machine."
+        loaded = sum(run.loaded(self.cpus) for run in self.runs)
+        if not loaded:
+            return f"The 1-minute load average stayed at or below the machine's {self.cpus} CPUs around every run."
+        return (
+            f"{LOAD_MARK}: timed while the 1-minute load average exceeded the machine's {self.cpus} CPUs ({loaded} of "
+            f"{len(self.runs)} runs): threads competed for the CPUs, so these seconds and ratios do not compare the "
+            "values; rerun on an idle machine (or with --threads 1 and fewer other jobs)."
+        )
+
+    def _sharing_note(self) -> str:
+        """Which values start from none of the first value's initial weights."""
+        first = self.rows[0].variant if self.rows else ""
+        alone = [row.variant for row in self.rows[1:] if self._shares_nothing(row.variant)]
+        if not alone:
+            return ""
+        return f" No initial weights shared with {first} (shapes or names differ): {', '.join(alone)}."
+
+    def _shares_nothing(self, variant: str) -> bool:
+        counts = [run.shared_weights for run in self.runs if run.variant == variant]
+        return bool(counts) and all(count == 0 for count in counts)
 
     def table(self) -> str:
         """The table as aligned plain text."""
@@ -203,25 +269,26 @@ class CompareResult(NamedTuple):
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(
             [
-                "guide",
+                self.field,
                 "num_params",
                 "num_weights",
                 "test_elbo_mean",
                 "test_elbo_se",
                 "seeds",
                 "seconds_per_epoch_median",
-                f"time_ratio_to_{REFERENCE_GUIDE}",
+                f"time_ratio_to_{self.reference}",
                 "peak_rss_growth_mib",
                 "nll_k",
                 "nll_mean",
                 "nll_se",
                 "diverged",
+                "runs_under_load",
             ]
         )
         for row in self.rows:
             writer.writerow(
                 [
-                    row.guide,
+                    row.variant,
                     row.num_params,
                     row.num_weights,
                     repr(row.test_elbo.mean),
@@ -234,6 +301,7 @@ class CompareResult(NamedTuple):
                     "" if row.nll is None else repr(row.nll.mean),
                     "" if row.nll is None else repr(row.nll.se),
                     row.diverged,
+                    row.loaded,
                 ]
             )
         return out.getvalue()
@@ -244,7 +312,7 @@ class CompareResult(NamedTuple):
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(
             [
-                "guide",
+                self.field,
                 "seed",
                 "test_elbo",
                 "test_elbo_se",
@@ -254,12 +322,16 @@ class CompareResult(NamedTuple):
                 "nll_se",
                 "nll_seconds",
                 "failure",
+                "shared_weights",
+                "load_before",
+                "load_after",
+                "under_load",
             ]
         )
         for run in self.runs:
             writer.writerow(
                 [
-                    run.guide,
+                    run.variant,
                     run.seed,
                     repr(run.test_elbo.mean),
                     repr(run.test_elbo.se),
@@ -269,6 +341,10 @@ class CompareResult(NamedTuple):
                     "" if run.nll is None else repr(run.nll.se),
                     "" if run.nll_seconds is None else repr(run.nll_seconds),
                     run.failure or "",
+                    "" if run.shared_weights is None else run.shared_weights,
+                    "" if run.load_before is None else repr(run.load_before),
+                    "" if run.load_after is None else repr(run.load_after),
+                    int(run.loaded(self.cpus)),
                 ]
             )
         return out.getvalue()
@@ -290,22 +366,26 @@ class CompareResult(NamedTuple):
         return paths
 
 
-def summarise(guides: Sequence[str], runs: Sequence[SeedRun]) -> list[CompareRow]:
-    """One :class:`CompareRow` per family, in the order of ``guides``, from its runs.
+def summarise(
+    values: Sequence[str], runs: Sequence[SeedRun], reference: str = REFERENCE_GUIDE, cpus: int | None = None
+) -> list[CompareRow]:
+    """One :class:`CompareRow` per value, in the order of ``values``, from its runs.
 
     Diverged runs (``failure`` set) are counted but left out of every statistic. The test ELBO and the IS-NLL are
-    :func:`pyro_vae.stats.mean_se` over the seeds' means (``se`` NaN with one seed, both NaN with none).
+    :func:`pyro_vae.stats.mean_se` over the seeds' means (``se`` NaN with one seed, both NaN with none). The time
+    ratio is taken against ``reference`` when it was compared; runs timed under load on ``cpus`` CPUs are counted,
+    and a ratio that rests on one (the row's or the reference's) is flagged.
     """
     rows = []
-    for guide in guides:
-        everyone = [run for run in runs if run.guide == guide]
+    for value in values:
+        everyone = [run for run in runs if run.variant == value]
         mine = [run for run in everyone if run.failure is None]
         seconds = [s for run in mine for s in run.epoch_seconds]
         memory = [run.peak_memory_mib for run in mine if run.peak_memory_mib is not None]
         nlls = [run.nll.mean for run in mine if run.nll is not None]
         rows.append(
             CompareRow(
-                guide=guide,
+                variant=value,
                 num_params=everyone[0].num_params,
                 num_weights=everyone[0].num_weights,
                 test_elbo=mean_se([run.test_elbo.mean for run in mine]),
@@ -315,9 +395,15 @@ def summarise(guides: Sequence[str], runs: Sequence[SeedRun]) -> list[CompareRow
                 seeds=len(everyone),
                 nll=mean_se(nlls) if nlls else None,
                 diverged=len(everyone) - len(mine),
+                loaded=sum(run.loaded(cpus) for run in mine),
             )
         )
-    reference = next((row for row in rows if row.guide == REFERENCE_GUIDE), None)
-    if reference is not None:
-        rows = [row._replace(time_ratio=row.seconds_per_epoch / reference.seconds_per_epoch) for row in rows]
+    ref = next((row for row in rows if row.variant == reference), None)
+    if ref is not None:
+        rows = [
+            row._replace(
+                time_ratio=row.seconds_per_epoch / ref.seconds_per_epoch, time_loaded=bool(row.loaded or ref.loaded)
+            )
+            for row in rows
+        ]
     return rows

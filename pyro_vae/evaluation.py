@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import pyro
@@ -233,8 +233,11 @@ def _add_particle_terms(acc: _Accumulator, vae, xb: torch.Tensor, ks, particles_
         acc.add(f"iw{k}", log_mean_exp(grouped, 1).mean(0))
 
 
-def _evaluate_chunks(vae, x, ks, images_per_chunk: int, particles_per_pass: int, latent_site: str) -> _Accumulator:
-    """Run the model and guide over ``x`` chunk by chunk and collect the per-image values :func:`evaluate` needs."""
+def _evaluate_chunks(
+    vae, x, ks, images_per_chunk: int, particles_per_pass: int, latent_site: str, progress=None
+) -> _Accumulator:
+    """Run the model and guide over ``x`` chunk by chunk and collect the per-image values :func:`evaluate` needs;
+    ``progress(images)`` is called after each chunk."""
     acc = _Accumulator()
     validate = is_validation_enabled()
     for chunk, start in enumerate(range(0, x.shape[0], images_per_chunk)):
@@ -243,6 +246,8 @@ def _evaluate_chunks(vae, x, ks, images_per_chunk: int, particles_per_pass: int,
             xb = x[start : start + images_per_chunk]  # (B, D)
             _add_single_particle_terms(acc, vae, xb, latent_site, chunk == 0)
             _add_particle_terms(acc, vae, xb, ks, particles_per_pass)
+        if progress is not None:
+            progress(xb.shape[0])
     return acc
 
 
@@ -264,6 +269,7 @@ def evaluate(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     seed: int = 0,
     latent_site: str = "z",
+    progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Evaluate a trained model on the images ``x`` (see the module docstring for every quantity).
 
@@ -276,13 +282,15 @@ def evaluate(
     :param int chunk_size: particles × images per forward pass (default 4096); bounds the memory.
     :param int seed: seed of the evaluation noise.
     :param str latent_site: the latent sample site for active units and KL per dimension.
+    :param progress: called with the number of images of each chunk when it is done (e.g.
+        :meth:`pyro_vae.progress.Progress.update`); default ``None``.
     :returns: an :class:`EvalResult`.
     """
     ks = _check_evaluate_args(ks, chunk_size, x)
     num_particles, (n_images, input_dim) = ks[-1], x.shape
     with eval_mode(vae), own_rng(x, seed):
         acc = _evaluate_chunks(
-            vae, x, ks, max(1, chunk_size // num_particles), min(num_particles, chunk_size), latent_site
+            vae, x, ks, max(1, chunk_size // num_particles), min(num_particles, chunk_size), latent_site, progress
         )
     kl_analytic = acc.has("kl_analytic")
     reconstruction = acc.get("reconstruction")

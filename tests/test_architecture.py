@@ -20,6 +20,7 @@ LAYERS = {
     "data": 0,
     "_compat": 0,
     "_memory": 0,
+    "progress": 0,
     # 1: the plug-in registries
     "networks": 1,
     "likelihoods": 1,

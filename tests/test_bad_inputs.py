@@ -443,3 +443,136 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
     with pytest.raises(ConfigError, match="epochs must be a positive integer"):
         (tmp_path / "c.json").write_text(json.dumps({"train": {"epochs": 0}}))
         cli.main(["--debug", "train", "--config", str(tmp_path / "c.json")])
+
+
+# ------------------------------------------------------------------------------------ before any data are loaded
+
+BEFORE_LOAD = {
+    "batch above --n-train": (
+        ["train", "--batch-size", "100", "--n-train", "50"],
+        ["batch size 100 exceeds the 50 training images"],
+    ),
+    "kl schedule value": (["train", "--kl-schedule", "linear:0"], ["warm-up length must be a positive"]),
+    "vary: unknown field": (
+        ["compare", "--vary", "likelyhood=bernoulli"],
+        ["argument --vary: unknown option to vary 'likelyhood'", "did you mean 'likelihood'?"],
+    ),
+    "vary: unknown value": (
+        ["compare", "--vary", "likelihood=bernoulli,continous_bernoulli"],
+        ["unknown likelihood 'continous_bernoulli'", "did you mean 'continuous_bernoulli'?"],
+    ),
+    "vary: objective spec": (["compare", "--vary", "objective=trace,iwae:0"], ["k must be a positive number"]),
+    "vary: guide spec": (["compare", "--vary", "guide=mvn_diag,low_rank:0"], ["rank must be a positive integer"]),
+    "vary: no values": (["compare", "--vary", "likelihood"], ["expected FIELD=V1,V2,..."]),
+    "vary: empty value": (["compare", "--vary", "likelihood=bernoulli,"], ["comma-separated values of likelihood"]),
+    "vary: twice": (
+        ["compare", "--vary", "likelihood=bernoulli,continuous_bernoulli", "--likelihood", "bernoulli"],
+        ["--likelihood and --vary likelihood=... both set the likelihood"],
+    ),
+    "vary and guides": (["compare", "--vary", "objective=trace", "--guides", "iaf"], ["not allowed with"]),
+    "vary: bernoulli on grey levels": (
+        ["compare", "--vary", "likelihood=continuous_bernoulli,bernoulli", "--binarize", "none"],
+        ["bernoulli likelihood needs binary data"],
+    ),
+    "guides: spec": (["compare", "--guides", "mvn_diag,low_rank:0"], ["rank must be a positive integer"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BEFORE_LOAD))
+def test_config_errors_come_before_any_data_load(capsys, tmp_path, monkeypatch, case):
+    import pyro_vae.compare
+    import pyro_vae.data
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the data were loaded before the config was checked")
+
+    monkeypatch.setattr(pyro_vae.data, "load_dataset", no_load)
+    monkeypatch.setattr(pyro_vae.compare, "load_dataset", no_load)
+    args, words = BEFORE_LOAD[case]
+    code, lines = run(capsys, *args, "--out", tmp_path / "out")
+    assert code == 2
+    assert_one_line(lines, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_device_is_refused_before_the_data_load(capsys, tmp_path, monkeypatch):
+    import torch
+
+    import pyro_vae.data
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(pyro_vae.data, "load_dataset", lambda *a, **kw: pytest.fail("the data were loaded"))
+    code, lines = run(capsys, "train", "--device", "cuda", "--out", tmp_path / "out")
+    assert code == 2
+    assert_one_line(lines, "--device cuda was asked for but torch sees no CUDA device")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sample", "RUN", "--n", "0"],
+        ["evaluate", "RUN", "--k", "0"],
+        ["compare", "--seeds", "0"],
+        ["compare", "--frobnicate"],
+        ["sample"],
+        ["evaluate", "RUN", "--chunk-size"],
+    ],
+    ids=" ".join,
+)
+def test_one_error_format_for_every_command(capsys, argv):
+    code, lines = run(capsys, *argv)
+    assert code == 2
+    assert_one_line(lines)
+
+
+# ------------------------------------------------------------------------------- likelihood and binarisation
+
+
+def test_a_grey_level_likelihood_on_binarised_data_gets_one_warning_line(capsys, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import pyro_vae.data
+
+    def stop(*args, **kwargs):
+        raise DataError("stopped at the data load")
+
+    monkeypatch.setattr(pyro_vae.data, "load_dataset", stop)
+    with caplog.at_level(logging.WARNING):
+        code, lines = run(capsys, "train", "--likelihood", "continuous_bernoulli", "--out", tmp_path / "out")
+    assert code != 0 and lines == ["pyro-vae: error: stopped at the data load"]  # legal: it went on to the data
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.getMessage() == (
+        "the continuous_bernoulli likelihood models grey levels, but --binarize dynamic turns the data into 0/1 "
+        "before it sees them; pass --binarize none to model the grey levels"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run(capsys, "train", "--likelihood", "continuous_bernoulli", "--binarize", "none", "--out", tmp_path / "o")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    import pyro_vae.compare
+
+    monkeypatch.setattr(pyro_vae.compare, "load_dataset", stop)
+    with caplog.at_level(logging.WARNING):  # compare: once, not once per value
+        argv = ["compare", "--vary", "guide=mvn_diag,iaf:2", "--likelihood", "continuous_bernoulli"]
+        code, lines = run(capsys, *argv, "--out", tmp_path / "c")
+    assert lines == ["pyro-vae: error: stopped at the data load"]
+    assert len([r for r in caplog.records if "pass --binarize none" in r.getMessage()]) == 1
+
+
+def test_the_binarisation_rule_reads_the_likelihood_s_attribute_not_its_name(monkeypatch):
+    import pyro_vae.likelihoods as likelihoods
+    from pyro_vae.cli.checks import binarization_hint
+
+    class Binary(likelihoods.BernoulliLikelihood):
+        name = "new_binary"
+
+    class Grey(likelihoods.ContinuousBernoulliLikelihood):
+        name = "new_grey"
+
+    monkeypatch.setitem(likelihoods._REGISTRY, "new_binary", Binary)
+    monkeypatch.setitem(likelihoods._REGISTRY, "new_grey", Grey)
+    with pytest.raises(ConfigError, match="^the new_binary likelihood needs binary data but binarize is 'none'"):
+        binarization_hint("new_binary", "none")
+    assert binarization_hint("new_binary", "static") is None
+    assert "--binarize none" in binarization_hint("new_grey", "threshold")
+    assert binarization_hint("new_grey", "none") is None

@@ -1,6 +1,7 @@
 """``compare``: the same protocol for every family, rows reproducible on their own, honest summaries."""
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -104,22 +105,22 @@ def test_tables_and_files(data, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"guides": ["mvn_diag", "iaff:2"]}, "did you mean 'iaf'"),
-        ({"guides": ["iaf", "iaf"]}, "must be distinct"),
-        ({"guides": []}, "at least one guide"),
-        ({"guides": ["mvn_diag"], "seeds": []}, "seeds must be"),
-        ({"guides": ["mvn_diag"], "seeds": [-1]}, "^every seed must be an integer >= 0, got -1$"),
+        ({"values": ["mvn_diag", "iaff:2"]}, "did you mean 'iaf'"),
+        ({"values": ["iaf", "iaf"]}, "must be distinct"),
+        ({"values": []}, "at least one guide"),
+        ({"values": ["mvn_diag"], "seeds": []}, "seeds must be"),
+        ({"values": ["mvn_diag"], "seeds": [-1]}, "^every seed must be an integer >= 0, got -1$"),
         (
-            {"guides": ["mvn_diag"], "seeds": [2**32]},
+            {"values": ["mvn_diag"], "seeds": [2**32]},
             r"^every seed must be at most 4294967295 \(numpy seeds are 32-bit\)",
         ),
-        ({"guides": ["mvn_diag"], "isolate": True, "data": "given"}, "pass data=None"),
+        ({"values": ["mvn_diag"], "isolate": True, "data": "given"}, "pass data=None"),
         (
-            {"guides": ["mvn_diag"], "nll_k": 0},
+            {"values": ["mvn_diag"], "nll_k": 0},
             r"^nll_k \(particles per image\) must be a positive integer or None, got 0$",
         ),
         (
-            {"guides": ["mvn_diag"], "nll_images": 0},
+            {"values": ["mvn_diag"], "nll_images": 0},
             r"^nll_images \(None: all test images\) must be a positive integer or",
         ),
     ],
@@ -135,11 +136,11 @@ def test_bad_input_is_refused_before_training(kwargs, words, data):
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"guides": ["mvn_diag", "iaff:2"]}, "did you mean 'iaf'"),
-        ({"guides": ["mvn_diag"], "seeds": [0, 0]}, "seeds must be distinct"),
-        ({"guides": ["mvn_diag"], "config": TINY.replace(train={"batch_size": 1000})}, "exceeds the 300 training"),
+        ({"values": ["mvn_diag", "iaff:2"]}, "did you mean 'iaf'"),
+        ({"values": ["mvn_diag"], "seeds": [0, 0]}, "seeds must be distinct"),
+        ({"values": ["mvn_diag"], "config": TINY.replace(train={"batch_size": 1000})}, "exceeds the 300 training"),
         (
-            {"guides": ["mvn_diag"], "data": None, "config": TINY.replace(data={"dataset": "npz", "path": "no.npz"})},
+            {"values": ["mvn_diag"], "data": None, "config": TINY.replace(data={"dataset": "npz", "path": "no.npz"})},
             "no.npz",
         ),
     ],
@@ -267,3 +268,139 @@ def test_a_diverging_run_is_reported_and_the_others_go_on(data, monkeypatch, tmp
     assert "(1 of 2 runs diverged)" in result.table()
     markdown = (tmp_path / "compare.md").read_text()
     assert "full_rank, seed 1: non-finite loss (-inf)" in markdown
+
+
+# ------------------------------------------------------------------------------------------ --vary any one option
+
+
+def test_vary_the_likelihood_under_the_same_protocol(data, tmp_path):
+    config = TINY.replace(train={"epochs": 1})
+    result = compare(
+        ["continuous_bernoulli", "bernoulli"], config, seeds=[0], field="likelihood", data=data, out_dir=tmp_path,
+        nll_k=None,
+    )  # fmt: skip
+    assert [row.variant for row in result.rows] == ["continuous_bernoulli", "bernoulli"]
+    assert result.field == "likelihood" and result.reference == "bernoulli"  # the field's default when compared
+    assert result.rows[1].time_ratio == 1.0
+    for run in result.runs:
+        saved = json.loads((tmp_path / "runs" / f"{run.variant}-seed0" / "config.json").read_text())["config"]
+        assert saved["model"]["likelihood"] == run.variant and saved["model"]["guide"] == "mvn_diag"
+        assert run.shared_weights == run.num_weights  # same shapes: every initial weight is the first value's
+    assert result.table().splitlines()[0].split()[:1] == ["likelihood"] and "× bernoulli" in result.table()
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "compare.csv").read_text())))
+    assert [r["likelihood"] for r in rows] == ["continuous_bernoulli", "bernoulli"]
+    assert "time_ratio_to_bernoulli" in rows[0]
+    manifest = json.loads((tmp_path / "config.json").read_text())
+    assert manifest["vary"] == "likelihood" and manifest["values"] == ["continuous_bernoulli", "bernoulli"]
+    assert "guides" not in manifest
+
+
+def test_vary_the_objective_keeps_the_model_and_its_weights(data):
+    config = TINY.replace(train={"epochs": 1})
+    result = compare(["trace", "iwae:2"], config, seeds=[1], field="objective", data=data, nll_k=None)
+    assert result.reference == "trace" and [row.variant for row in result.rows] == ["trace", "iwae:2"]
+    assert all(run.shared_weights == run.num_weights for run in result.runs)
+    assert result.rows[0].test_elbo.mean != result.rows[1].test_elbo.mean  # the objective did change the training
+
+
+def test_shared_weights_count_what_matches_by_name_shape_and_value(monkeypatch):
+    import pyro_vae.likelihoods as likelihoods
+    from pyro_vae.compare import shared_weights
+
+    class TwoPerPixel(likelihoods.BernoulliLikelihood):
+        name = "two_per_pixel"
+        params_per_dim = 2
+
+    monkeypatch.setitem(likelihoods._REGISTRY, "two_per_pixel", TwoPerPixel)
+    first = initial_vae(TINY_MODEL, 784, seed=0)
+    wide = initial_vae(dataclasses.replace(TINY_MODEL, likelihood="two_per_pixel"), 784, seed=0)
+    last = [m for m in wide.decoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+    total = sum(p.numel() for p in wide.parameters())
+    assert last.weight.shape[0] == 2 * 784
+    assert shared_weights(wide, first) == total - last.weight.numel() - last.bias.numel()  # all but the last layer
+    flow = initial_vae(dataclasses.replace(TINY_MODEL, guide="iaf:2"), 784, seed=0)
+    head = flow.encoder.head
+    family = sum(p.numel() for p in flow.family.parameters())
+    assert shared_weights(flow, first) == sum(p.numel() for p in flow.parameters()) - head.weight.numel() - (
+        head.bias.numel() + family
+    )
+    assert shared_weights(initial_vae(TINY_MODEL, 784, seed=1), first) == 0  # another seed shares nothing
+
+
+def test_vary_refuses_an_option_it_cannot_vary_with_a_hint(data):
+    with pytest.raises(ConfigError, match=r"unknown option to vary 'likelyhood'.*did you mean 'likelihood'"):
+        compare(["bernoulli"], TINY, field="likelyhood", data=data)
+    with pytest.raises(ConfigError, match="unknown option to vary 'seed'"):  # data, seed and budget stay shared
+        compare(["1", "2"], TINY, field="seed", data=data)
+    with pytest.raises(ConfigError, match=r"unknown likelihood 'bernouli'.*did you mean 'bernoulli'"):
+        compare(["bernouli"], TINY, field="likelihood", data=data)
+
+
+# ---------------------------------------------------------------------------------------------- load and timing
+
+
+def test_under_load_means_more_runnable_threads_than_cpus():
+    from pyro_vae.compare_report import under_load
+
+    assert not under_load(2.0, 2) and under_load(2.01, 2)
+    assert not under_load(None, 2) and not under_load(5.0, None)
+
+
+def _loaded(variant, seed, seconds, before, after):
+    return _run(variant, seed, -100.0, [seconds])._replace(load_before=before, load_after=after)
+
+
+def test_timings_under_load_are_flagged_in_the_table():
+    runs = [
+        _loaded("mvn_diag", 0, 1.0, 0.5, 1.5),
+        _loaded("mvn_diag", 1, 1.0, 1.0, 2.0),
+        _loaded("iaf:2", 0, 2.0, 1.0, 3.5),  # another job started: more runnable threads than the 2 CPUs
+        _loaded("iaf:2", 1, 2.0, 1.5, 1.0),
+        _loaded("full_rank", 0, 3.0, 1.0, 1.0),
+        _loaded("full_rank", 1, 3.0, 1.0, 1.0),
+    ]
+    values = ["mvn_diag", "iaf:2", "full_rank"]
+    rows = summarise(values, runs, "mvn_diag", cpus=2)
+    assert [(r.loaded, r.time_loaded) for r in rows] == [(0, False), (1, True), (0, False)]
+    result = CompareResult(rows, runs, TINY, "d", False, None, "guide", 2, "mvn_diag")
+    cells = {line.split()[0]: line for line in result.table().splitlines()[2:]}
+    assert cells["iaf:2"].count(" *") == 2 and " *" not in cells["mvn_diag"] + cells["full_rank"]
+    assert "exceeded the machine's 2 CPUs (1 of 6 runs)" in result.protocol()
+    assert [r["under_load"] for r in csv.DictReader(io.StringIO(result.runs_csv()))] == ["0", "0", "1", "0", "0", "0"]
+    # the reference itself under load taints every ratio, not the seconds of the others
+    rows = summarise(values, [runs[2]._replace(variant="mvn_diag"), *runs[2:]], "mvn_diag", cpus=2)
+    assert [r.time_loaded for r in rows] == [True, True, True] and [r.loaded for r in rows] == [1, 1, 0]
+    quiet = CompareResult(summarise(["full_rank"], runs[4:], "mvn_diag", 8), runs[4:], TINY, "d", False, cpus=8)
+    assert "stayed at or below the machine's 8 CPUs" in quiet.protocol() and "*" not in quiet.table()
+    unknown = [run._replace(load_before=None, load_after=None) for run in runs]
+    assert "load was not measured" in CompareResult(summarise(values, unknown), unknown, TINY, "d", False).protocol()
+
+
+def test_compare_reads_the_load_around_every_run(data, monkeypatch):
+    import pyro_vae.compare as compare_module
+
+    loads = iter([0.5, 9.0, 1.0, 1.5])
+    monkeypatch.setattr(compare_module, "machine_load", lambda: next(loads))
+    monkeypatch.setattr(compare_module.os, "cpu_count", lambda: 4)
+    result = compare(["mvn_diag", "diag_normal"], TINY.replace(train={"epochs": 1}), data=data, nll_k=None)
+    assert [(run.load_before, run.load_after) for run in result.runs] == [(0.5, 9.0), (1.0, 1.5)]
+    assert result.cpus == 4 and [row.loaded for row in result.rows] == [1, 0]
+    assert [row.time_loaded for row in result.rows] == [True, True]
+
+
+def test_cli_compare_varies_the_likelihood_and_guides_is_its_alias(tmp_path, capsys):
+    from pyro_vae.cli.commands import _compare_variants
+
+    parser = cli.build_parser()
+    config = cli.config_from_args(parser.parse_args(["compare"]))
+    alias = _compare_variants(parser.parse_args(["compare", "--guides", "iaf:2,mvn_diag"]), config)
+    assert alias == _compare_variants(parser.parse_args(["compare", "--vary", "guide=iaf:2,mvn_diag"]), config)
+    assert alias == ("guide", ["iaf:2", "mvn_diag"])
+    assert _compare_variants(parser.parse_args(["compare"]), config) == ("guide", cli.DEFAULT_COMPARE_GUIDES.split(","))
+    args = ["compare", "--vary", "likelihood=bernoulli,continuous_bernoulli", "--seeds", "1", "--epochs", "1"]
+    args += ["--n-train", "100", "--n-test", "20", "--batch-size", "50", "--hidden-dims", "16", "--latent-dim", "2"]
+    args += ["--no-isolate", "--nll-k", "0", "--no-figures", "--threads", "1"]
+    assert cli.main([*args, "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:2] == ["likelihood", "raw"] and "continuous_bernoulli" in out
+    assert "likelihood compared" in out

@@ -2,9 +2,13 @@
 
 * :mod:`pyro_vae.cli.flags` generates the data, model and training flags from the config dataclasses' field
   metadata (help, type, choices, bounds), so config, CLI and README cannot drift;
-* :mod:`pyro_vae.cli.parser` adds each command's own flags;
+* :mod:`pyro_vae.cli.parser` adds each command's own flags; every ``--help`` ends with each registry's names;
+* :mod:`pyro_vae.cli.checks` checks what the flags alone cannot (KL schedule values, the device, the batch against
+  ``--n-train``, the likelihood against the binarisation) before any data are loaded;
+* :mod:`pyro_vae.cli.sampling` draws and writes ``sample``'s grid or arrays;
 * :mod:`pyro_vae.cli.commands` runs the commands, with heavy imports (torch, Pyro, matplotlib) inside them, so
-  ``pyro-vae --help`` answers at once.
+  ``pyro-vae --help`` answers at once. ``evaluate`` and ``compare`` show progress through
+  :class:`pyro_vae.progress.Progress` (a bar on a terminal, a log line per chunk or run otherwise).
 
 Every error is one line on stderr, ``pyro-vae: error: <what, what came, what to do>``, with exit status 2 for usage
 errors (raised before any data are loaded) and 1 for runtime errors; ``--debug`` shows the traceback.

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from pyro_vae.cli.checks import check_before_load
 from pyro_vae.cli.flags import config_from_args
 from pyro_vae.config import RunConfig
 from pyro_vae.errors import ConfigError
@@ -57,9 +58,9 @@ def _train_target(args: argparse.Namespace) -> tuple[Path, Path | None, RunConfi
     if args.force_resume:
         raise ConfigError("--force-resume only applies with --resume DIR")
     config = config_from_args(args)
-    from pyro_vae.schedules import make_schedule
-
-    make_schedule(config.train.kl_schedule)  # its values (linear:0, ...) are refused here, before any data load
+    hint = check_before_load(config, device=not _under_torchrun())
+    if hint is not None:
+        logger.warning(hint)
     if args.out is None and _under_torchrun():
         raise ConfigError("under torchrun pass --out DIR: every process must name the same run directory")
     if args.out is None:
@@ -136,9 +137,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    from pyro_vae.progress import Progress
+
     run = load_run(args.run_dir)
     x_test = run.test_images(args.n)  # the run's own data: their fingerprint is checked
-    result = evaluate(run.vae, x_test, args.k, protocol=run.protocol(), chunk_size=args.chunk_size, seed=args.seed)
+    with Progress(x_test.shape[0], desc="evaluate", unit="images", logger=logger) as progress:
+        result = evaluate(
+            run.vae, x_test, args.k, protocol=run.protocol(), chunk_size=args.chunk_size, seed=args.seed,
+            progress=progress.update,
+        )  # fmt: skip
     record = result.to_json()
     print(result.table())
     if args.gaps:
@@ -158,29 +165,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from pyro_vae.plotting import sample_grid
-    from pyro_vae.run_dir import RunDir, load_run
+    from pyro_vae.cli.sampling import draw_samples, sample_bytes, sample_target, write_samples
 
-    if args.out.suffix.lower() != ".png":
-        raise ConfigError(f"--out must be a .png file, got {args.out}")
-    run = load_run(args.run_dir)
-    fig = sample_grid(run.vae, run.state.image_shape, n=args.n, seed=args.seed)
-    RunDir(args.out.parent).write_figure(args.out.name, fig)
-    print(f"wrote {args.n} samples to {args.out}")
+    out, fmt = sample_target(args.run_dir, args.out, args.format, args.n, args.overwrite)  # before the run loads
+    from pyro_vae.run_dir import load_run
+
+    run = load_run(args.run_dir)  # a reader: no lock, so a run that is training goes on
+    samples = draw_samples(run.vae, args.n, seed=args.seed, draws=args.draws)
+    written = write_samples(run.path, out, sample_bytes(samples, run.state.image_shape, fmt))
+    print(f"wrote {args.n} {'draws' if args.draws else 'decoder means'} to {written}")
     return 0
+
+
+def _compare_variants(args: argparse.Namespace, config: RunConfig) -> tuple[str, list[str]]:
+    """``(field, values)`` of ``--vary`` or ``--guides`` (default: the guide list), each value's run config checked
+    as ``train`` checks its own, before any data load; a field set by its own flag as well is refused."""
+    from pyro_vae.cli.parser import DEFAULT_COMPARE_GUIDES
+    from pyro_vae.compare import vary_fields
+
+    field, values = args.vary or ("guide", args.guides or DEFAULT_COMPARE_GUIDES.split(","))
+    section = vary_fields()[field]
+    if field != "guide" and getattr(args, field, None) is not None:
+        raise ConfigError(f"--{field.replace('_', '-')} and --vary {field}=... both set the {field}; pass one of them")
+    hints = [check_before_load(config.replace(**{section: {field: value}})) for value in values]
+    for hint in dict.fromkeys(h for h in hints if h is not None):  # once each, in order
+        logger.warning(hint)
+    return field, values
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    field, values = _compare_variants(args, config)
     out = args.out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     from pyro_vae.compare import compare
 
-    seeds = list(range(args.seeds))
     start = time.perf_counter()
     result = compare(
-        args.guides,
+        values,
         config,
-        seeds,
+        list(range(args.seeds)),
+        field=field,
         out_dir=out,
         isolate=args.isolate,
         nll_k=args.nll_k or None,
@@ -195,5 +219,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         RunDir(out).write_figure("compare.png", comparison_figure(result))
     print(result.table())
     print(f"\n{result.protocol()}")
-    print(f"\n{len(result.runs)} runs in {seconds:.0f} s; compare.md, compare.csv, runs.csv in {out}")
+    nll = sum(run.nll_seconds or 0.0 for run in result.runs)
+    print(
+        f"\n{len(result.runs)} runs in {seconds:.0f} s ({nll:.0f} s of it the IS-NLL; --nll-k 0 skips it); "
+        f"compare.md, compare.csv, runs.csv in {out}"
+    )
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import textwrap
 import types
 import typing
 from collections.abc import Callable
@@ -59,6 +60,23 @@ REGISTRIES = {
     "objectives": OBJECTIVE_CHOICES,
     "kl_schedules": KL_SCHEDULE_CHOICES,
 }
+
+
+def registry_epilog() -> str:
+    """The end of every ``--help``: each registry's names, wrapped under its key."""
+    width = max(len(key) for key in REGISTRIES) + 4
+    lines = [
+        textwrap.fill(
+            ", ".join(sorted(names)),
+            width=100,
+            initial_indent=f"  {key.replace('_', ' ') + ':':<{width - 2}}",
+            subsequent_indent=" " * width,
+        )
+        for key, names in REGISTRIES.items()
+    ]
+    return "registered names (a spec is NAME or NAME:K, see each flag):\n" + "\n".join(lines)
+
+
 #: The largest ``--config`` file read: a run config is a few hundred bytes, and ``--config /dev/zero`` must not
 #: fill the memory.
 MAX_CONFIG_BYTES = 1 << 20

@@ -7,26 +7,37 @@ import argparse
 from pathlib import Path
 
 from pyro_vae.cli import commands
-from pyro_vae.cli.flags import GUIDE_CHOICES, PROG, Parser, add_config_flags, field_type, int_type
-from pyro_vae.config import TrainConfig
+from pyro_vae.cli.flags import (
+    PROG,
+    Parser,
+    add_config_flags,
+    field_type,
+    int_type,
+    registry_epilog,
+)
+from pyro_vae.config import SECTIONS, ModelConfig, TrainConfig
 from pyro_vae.errors import unknown_choice
 
 #: The families ``pyro-vae compare`` trains when ``--guides`` is not given.
 DEFAULT_COMPARE_GUIDES = "mvn_diag,diag_normal,full_rank,low_rank:4,iaf:2,sylvester:4"
+#: What the help of ``compare`` says about its time.
+_COMPARE_TIME = (
+    "Every value is trained with every seed under the same data order, seeds and budget, from shared initial\n"
+    "weights where the shapes allow. Time: on a CPU the IS-NLL of each run (--nll-k particles per test image,\n"
+    "1000 by default) usually costs more than its training; --nll-k 0 skips it, --nll-images N bounds it.\n"
+    "Timings taken while the machine's load exceeds its CPUs are marked '*' in the table."
+)
 #: Flags of evaluate that size a pass: particles x images are held in memory at once.
 _MEMORY = "particles x images are held in memory at once"
 
 
 def _guide_list(value: str) -> list[str]:
+    """``--guides V1,V2,...``: each spec checked as ``--guide`` checks it (close-match hints, spec options)."""
     guides = [g.strip() for g in value.split(",")]
     if not all(guides):
         raise argparse.ArgumentTypeError(f"expected comma-separated guide families, got {value!r}")
-    for guide in guides:
-        if guide.partition(":")[0] not in GUIDE_CHOICES:
-            raise argparse.ArgumentTypeError(
-                str(unknown_choice("guide family", guide.partition(":")[0], GUIDE_CHOICES))
-            )
-    return guides
+    parse = field_type(ModelConfig, "guide")
+    return [parse(guide) for guide in guides]
 
 
 def _int_list(value: str) -> tuple[int, ...]:
@@ -34,8 +45,40 @@ def _int_list(value: str) -> tuple[int, ...]:
     return tuple(check(v) for v in value.split(","))
 
 
+def _vary(text: str):
+    """``FIELD=V1,V2,...`` checked at once: the field against the options a comparison can vary (close-match hint),
+    each value as the field's own flag checks it; returns ``(field, values)``."""
+    from pyro_vae.compare import vary_fields  # imports torch: only when --vary is given
+
+    field, sep, values = text.partition("=")
+    field = field.strip().replace("-", "_")
+    if not sep:
+        raise argparse.ArgumentTypeError(
+            f"expected FIELD=V1,V2,..., e.g. likelihood=bernoulli,continuous_bernoulli; got {text!r}"
+        )
+    fields = vary_fields()
+    if field not in fields:
+        raise argparse.ArgumentTypeError(str(unknown_choice("option to vary", field, fields)))
+    parse = field_type(SECTIONS[fields[field]], field)
+    items = [v.strip() for v in values.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated values of {field}, got {values!r}")
+    return field, [parse(v) for v in items]
+
+
+def _sub(sub, name: str, help_text: str, description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose help ends with every registry's names."""
+    return sub.add_parser(
+        name,
+        help=help_text,
+        description=description or help_text,
+        epilog=registry_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def _add_train(sub) -> None:
-    train = sub.add_parser("train", help="train a VAE and write a run directory")
+    train = _sub(sub, "train", "train a VAE and write a run directory")
     add_config_flags(train)
     train.add_argument("--out", type=Path, help="run directory (default runs/<guide>-<time>)")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -55,7 +98,7 @@ def _add_train(sub) -> None:
 
 
 def _add_evaluate(sub) -> None:
-    evaluate = sub.add_parser("evaluate", help="evaluate a trained run on its test split")
+    evaluate = _sub(sub, "evaluate", "evaluate a trained run on its test split (progress per chunk)")
     evaluate.add_argument("run_dir", type=Path, help="a directory written by 'pyro-vae train'")
     evaluate.add_argument(
         "--k", type=_int_list, default=(1, 100, 1000), help="particles per IW bound of log p(x) (default 1,100,1000)"
@@ -78,24 +121,64 @@ def _add_evaluate(sub) -> None:
     evaluate.set_defaults(run=commands.cmd_evaluate)
 
 
+def _format(text: str) -> str:
+    from pyro_vae.cli.sampling import FORMATS
+
+    if text not in FORMATS:
+        raise argparse.ArgumentTypeError(str(unknown_choice("format", text, FORMATS)))
+    return text
+
+
 def _add_sample(sub) -> None:
-    sample = sub.add_parser("sample", help="draw images from a trained run's prior and decoder")
-    sample.add_argument("run_dir", type=Path, help="a directory written by 'pyro-vae train'")
+    sample = _sub(sub, "sample", "draw images from a trained run's prior and decoder")
+    sample.add_argument("run_dir", type=Path, help="a directory written by 'pyro-vae train' (it may be training)")
     sample.add_argument(
         "--n", type=int_type("--n", high=4096, why="one grid image"), default=64, help="number of samples (default 64)"
     )
     sample.add_argument("--seed", type=field_type(TrainConfig, "seed"), default=0, help="seed of the prior draws")
-    sample.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    sample.add_argument(
+        "--out",
+        type=Path,
+        help="file to write (default RUN/samples-N.FORMAT; when that exists, the next free RUN/samples-N-2.FORMAT, "
+        "-3, ...: earlier samples are never replaced); a named file that exists is refused unless --overwrite",
+    )
+    sample.add_argument("--overwrite", action="store_true", help="replace the file named by --out")
+    sample.add_argument(
+        "--format",
+        type=_format,
+        metavar="png|npy|npz",
+        help="png: a grid; npy: the images as an array (n, C, H, W), or (n, D) without an image shape; npz: the "
+        "images as x, the latent codes as z, and draws (default: the suffix of --out, else png)",
+    )
+    sample.add_argument(
+        "--draws",
+        action="store_true",
+        help="draw x ~ p(x|z) for each code instead of the decoder mean E[x|z] (the figure's title says which)",
+    )
     sample.set_defaults(run=commands.cmd_sample)
 
 
 def _add_compare(sub) -> None:
-    compare = sub.add_parser("compare", help="train several guide families under one protocol and tabulate")
-    compare.add_argument(
+    compare = _sub(
+        sub,
+        "compare",
+        "train with each value of one option (guide, likelihood, objective, ...) under one protocol and tabulate",
+        description=_COMPARE_TIME,
+    )
+    varied = compare.add_mutually_exclusive_group()
+    varied.add_argument(
+        "--vary",
+        type=_vary,
+        metavar="FIELD=V1,V2,...",
+        help="the option to vary and its values, e.g. likelihood=bernoulli,continuous_bernoulli or "
+        "objective=trace,iwae:5; FIELD is one of guide, prior, likelihood, network, objective (those this version "
+        f"has); default guide={DEFAULT_COMPARE_GUIDES}",
+    )
+    varied.add_argument(
         "--guides",
         type=_guide_list,
-        default=DEFAULT_COMPARE_GUIDES,
-        help=f"comma-separated family specs (default {DEFAULT_COMPARE_GUIDES})",
+        metavar="V1,V2,...",
+        help="comma-separated family specs: the same as --vary guide=V1,V2,...",
     )
     compare.add_argument(
         "--seeds", type=int_type("--seeds"), default=3, help="seeds 0..S-1 for every family (default 3)"
@@ -111,15 +194,25 @@ def _add_compare(sub) -> None:
         help="one fresh process per run, so peak memory is per run (default: on)",
     )
     compare.add_argument(
-        "--nll-k", type=int_type("--nll-k", low=0), default=1000, help="particles of each run's IS-NLL (0: skip)"
+        "--nll-k",
+        type=int_type("--nll-k", low=0),
+        default=1000,
+        help="particles of each run's IS-NLL (default 1000; 0 skips it, which on a CPU usually saves most of the time)",
     )
-    compare.add_argument("--nll-images", type=int_type("--nll-images"), help="IS-NLL on the first N test images")
+    compare.add_argument(
+        "--nll-images", type=int_type("--nll-images"), help="IS-NLL on the first N test images (default: all)"
+    )
     compare.set_defaults(run=commands.cmd_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pyro-vae`` parser; its errors are one line ``pyro-vae: error: ...`` and exit 2."""
-    parser = Parser(prog=PROG, description="Pyro variational autoencoders with swappable guide families.")
+    parser = Parser(
+        prog=PROG,
+        description="Pyro variational autoencoders with swappable guide families.",
+        epilog=registry_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
