@@ -105,7 +105,7 @@ COMPARE_FILES = ("config.json", "compare.md", "compare.csv", "runs.csv")
 VARY_FIELDS = ("guide", "prior", "likelihood", "network", "objective")
 
 
-def initial_vae(model: ModelConfig, input_dim: int, seed: int) -> VAE:
+def initial_vae(model: ModelConfig, input_dim: int, seed: int, image_shape: Sequence[int] | None = None) -> VAE:
     """The VAE a comparison starts from: shared parts identical across families for a given seed.
 
     The encoder body and the decoder are re-initialised (each layer's ``reset_parameters``, in module order) from
@@ -116,10 +116,11 @@ def initial_vae(model: ModelConfig, input_dim: int, seed: int) -> VAE:
     :param model: the model section; ``model.guide`` is the family spec.
     :param int input_dim: D.
     :param int seed: the run's seed.
+    :param image_shape: one image's shape ``(C, H, W)``, for networks that need it.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed("compare-family", seed, model.guide))
-        vae = VAE.from_config(model, input_dim)
+        vae = VAE.from_config(model, input_dim, image_shape)
         torch.manual_seed(derive_seed("compare-shared", seed))
         for module in (*vae.encoder.body.modules(), *vae.decoder.modules()):
             reset = getattr(module, "reset_parameters", None)
@@ -130,13 +131,13 @@ def initial_vae(model: ModelConfig, input_dim: int, seed: int) -> VAE:
     return vae
 
 
-def _warm_up(config: RunConfig, input_dim: int) -> None:
+def _warm_up(config: RunConfig, input_dim: int, image_shape: Sequence[int] | None) -> None:
     """One SVI step and one evaluation of a tiny VAE with the run's family, objective and optimiser, on two random
     images, so that one-time initialisation (the first fused AdamW step alone maps about 150 MiB of kernels) happens
     before the memory of the run is measured. The global RNG is left as it was."""
     model = dataclasses.replace(config.model, hidden_dims=(8,))
     with torch.random.fork_rng(devices=[]):
-        vae = VAE.from_config(model, input_dim)
+        vae = VAE.from_config(model, input_dim, image_shape)
         x = torch.rand(2, input_dim).bernoulli()
         svi = SVI(vae.model, vae.guide, adamw(), make_objective(config.train.objective, config.train.num_particles))
         svi.step(x)
@@ -203,9 +204,9 @@ def _run(job: _Job, data: Dataset | None, nll_k: int | None, nll_images: int | N
         torch.set_num_threads(run_config.train.threads)
     if data is None:
         data = load_dataset(run_config.data)
-    vae = initial_vae(run_config.model, data.input_dim, job.seed)
-    shared = shared_weights(vae, initial_vae(job.reference_model, data.input_dim, job.seed))
-    _warm_up(run_config, data.input_dim)
+    vae = initial_vae(run_config.model, data.input_dim, job.seed, data.image_shape)
+    shared = shared_weights(vae, initial_vae(job.reference_model, data.input_dim, job.seed, data.image_shape))
+    _warm_up(run_config, data.input_dim, data.image_shape)
     result = failure = None
     with PeakRSS() as memory:
         try:
