@@ -117,12 +117,15 @@ def run_figure(run: Run, kind: str, n: int | None = None, seed: int = 0, draws: 
         ``latent_dim``) or path steps (interpolation 10).
     :param int seed: seed of the prior draws (samples) or of which test images are traversed / interpolated.
     :param bool draws: samples only: draws x ~ p(x|z) instead of the decoder means.
-    :raises ConfigError: for an unknown kind (with the closest name) or a bad ``n``, before any data are read.
+    :raises ConfigError: for an unknown kind (with the closest name), a bad ``n``, or ``draws`` with another kind,
+        before any data are read.
     """
     spec = _KINDS.get(kind)
     if spec is None:
         raise unknown_choice("plot kind", kind, PLOT_KINDS)
     n = spec.default_n if n is None else check_int("n", n, low=1)
+    if draws and kind != "samples":
+        raise ConfigError(f"draws applies to the samples figure only, not to {kind!r}; leave it out")
     split = eval_split(run.data(), run.config) if spec.needs_data else None
     with eval_mode(run.vae):
         return spec.build(run.vae, split, run.state.image_shape, n, seed, draws)
