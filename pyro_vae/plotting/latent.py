@@ -207,6 +207,23 @@ def _draw_density(ax, z: np.ndarray, mass: float, colours) -> None:
             )
 
 
+def _draw_regions(ax, q, dims: tuple[int, int], n_std: float, n_samples: int, seed: int, colours):
+    """Draw each posterior's region holding :math:`1 - e^{-n_\\sigma^2/2}` of its mass in ``dims``: an ellipse
+    where q has a closed-form covariance, else a KDE contour of ``n_samples`` seeded draws. Returns the centres
+    ``(B, 2)`` and what was drawn, in words."""
+    mass = 1.0 - np.exp(-(n_std**2) / 2)
+    covariance = _marginal_covariance(q, dims)
+    if covariance is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            z = q.sample((n_samples,))[..., list(dims)].cpu().numpy()  # (S, B, 2)
+        _draw_density(ax, z, mass, colours)
+        return z.mean(0), f"{mass:.0%} region (KDE of {n_samples} draws)"
+    centres = posterior_mean(q)[..., list(dims)].cpu().numpy()
+    _draw_ellipses(ax, centres, covariance, n_std, colours)
+    return centres, f"{n_std:g}σ ellipse ({mass:.0%})"
+
+
 def _posterior_legend(ax, what: str) -> None:
     ax.legend(
         handles=[
@@ -255,23 +272,11 @@ def latent_posteriors(
         raise ConfigError(f"latent_posteriors needs latent_dim >= 2, the VAE has {vae.latent_dim}")
     dims = most_active_dims(vae, x).dims[:2] if dims is None else tuple(dims)
     colours = None if labels is None else _label_colours(_labels(labels))
-    mass = 1.0 - np.exp(-(n_std**2) / 2)
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.add_subplot()
     with torch.no_grad():
         q = vae.encode(x.to(next(vae.parameters()).device))
-        covariance = _marginal_covariance(q, dims)
-        if covariance is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                z = q.sample((n_samples,))[..., list(dims)].cpu().numpy()  # (S, B, 2)
-            centres = z.mean(0)
-            _draw_density(ax, z, mass, colours)
-            what = f"{mass:.0%} region (KDE of {n_samples} draws)"
-        else:
-            centres = posterior_mean(q)[..., list(dims)].cpu().numpy()
-            _draw_ellipses(ax, centres, covariance, n_std, colours)
-            what = f"{n_std:g}σ ellipse ({mass:.0%})"
+        centres, what = _draw_regions(ax, q, dims, n_std, n_samples, seed, colours)
     ax.scatter(centres[:, 0], centres[:, 1], s=10, c="C0" if colours is None else colours, edgecolors="k", lw=0.4)
     if labels is not None:
         _class_legend(fig, ax, _labels(labels), class_names)
