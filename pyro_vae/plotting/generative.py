@@ -17,6 +17,7 @@ from pyro import poutine
 
 from pyro_vae.config import check_float, check_int
 from pyro_vae.errors import ConfigError
+from pyro_vae.importance import own_rng
 from pyro_vae.model import VAE, posterior_mean
 from pyro_vae.plotting.images import image_grid, image_rows
 from pyro_vae.plotting.latent import most_active_dims
@@ -36,13 +37,13 @@ def _device(vae: VAE) -> torch.device:
 
 def _generative_trace(vae: VAE, n: int, seed: int) -> poutine.Trace:
     """A trace of the model for ``n`` data points with ``x`` sampled, not observed: ``z ~ p(z)``, ``x ~ p(x | z)``,
-    drawn from torch's global stream seeded with ``seed`` inside ``fork_rng`` (the caller's stream is left as it was).
+    drawn from a stream seeded with ``seed`` (:func:`~pyro_vae.importance.own_rng`: the caller's stream is left as it
+    was).
     """
     device = _device(vae)
     dim = vae.decode(torch.zeros(1, vae.latent_dim, device=device)).event_shape[-1]
     placeholder = torch.zeros(n, dim, device=device)  # sets the plate size; uncondition drops it as an observation
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with torch.no_grad(), own_rng(placeholder, seed):
         return poutine.trace(poutine.uncondition(vae.model)).get_trace(placeholder)
 
 
@@ -53,8 +54,7 @@ def _prior_moments(vae: VAE) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         return prior.mean[0], prior.stddev[0]
     except NotImplementedError:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with torch.no_grad(), own_rng(torch.zeros(0, device=_device(vae)), seed=0):
             draws = prior.sample((PRIOR_MOMENT_SAMPLES,))[:, 0]  # (S, L)
         return draws.mean(0), draws.std(0)
 

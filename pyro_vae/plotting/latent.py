@@ -18,6 +18,7 @@ from matplotlib.lines import Line2D
 
 from pyro_vae.errors import ConfigError
 from pyro_vae.evaluation import latent_activity
+from pyro_vae.importance import own_rng
 from pyro_vae.model import VAE, posterior_mean
 
 __all__ = ["ActiveDims", "latent_posteriors", "latent_scatter", "most_active_dims"]
@@ -207,15 +208,15 @@ def _draw_density(ax, z: np.ndarray, mass: float, colours) -> None:
             )
 
 
-def _draw_regions(ax, q, dims: tuple[int, int], n_std: float, n_samples: int, seed: int, colours):
+def _draw_regions(ax, q, x: torch.Tensor, dims: tuple[int, int], n_std: float, n_samples: int, seed: int, colours):
     """Draw each posterior's region holding :math:`1 - e^{-n_\\sigma^2/2}` of its mass in ``dims``: an ellipse
-    where q has a closed-form covariance, else a KDE contour of ``n_samples`` seeded draws. Returns the centres
+    where q has a closed-form covariance, else a KDE contour of ``n_samples`` draws seeded on ``x``'s device
+    (:func:`~pyro_vae.importance.own_rng`: the caller's stream is left as it was). Returns the centres
     ``(B, 2)`` and what was drawn, in words."""
     mass = 1.0 - np.exp(-(n_std**2) / 2)
     covariance = _marginal_covariance(q, dims)
     if covariance is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with own_rng(x, seed):
             z = q.sample((n_samples,))[..., list(dims)].cpu().numpy()  # (S, B, 2)
         _draw_density(ax, z, mass, colours)
         return z.mean(0), f"{mass:.0%} region (KDE of {n_samples} draws)"
@@ -275,8 +276,8 @@ def latent_posteriors(
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.add_subplot()
     with torch.no_grad():
-        q = vae.encode(x.to(next(vae.parameters()).device))
-        centres, what = _draw_regions(ax, q, dims, n_std, n_samples, seed, colours)
+        x = x.to(next(vae.parameters()).device)
+        centres, what = _draw_regions(ax, vae.encode(x), x, dims, n_std, n_samples, seed, colours)
     ax.scatter(centres[:, 0], centres[:, 1], s=10, c="C0" if colours is None else colours, edgecolors="k", lw=0.4)
     if labels is not None:
         _class_legend(fig, ax, _labels(labels), class_names)
