@@ -71,7 +71,7 @@ def test_training_figures_show_the_binarised_input_class_names_and_what_samples_
     np.testing.assert_array_equal(original, data.x_test[:8].reshape(8, 28, 28).numpy())
     # the run's own evaluation input, by the reader's road (Run.test_images), not the figure's
     np.testing.assert_array_equal(seen, load_run(out).test_images(8).reshape(8, 28, 28).numpy())
-    legend = written["latent.png"].axes[0].get_legend()
+    (legend,) = written["latent.png"].legends
     present = sorted(set(data.y_test.tolist()))
     assert [t.get_text() for t in legend.get_texts()] == [CLASSES[k] for k in present]
     assert written["samples.png"].axes[0].get_title() == "decoder means E[x|z], z ~ p(z)"

@@ -5,7 +5,6 @@ import math
 from types import SimpleNamespace
 
 import matplotlib.colors
-import matplotlib.legend
 import numpy as np
 import pyro.distributions as dist
 import pytest
@@ -98,13 +97,13 @@ def test_latent_plot_legend_names_the_classes_present_in_their_colours():
     x = torch.rand(6, D)
     labels = torch.tensor([7, 0, 9, 7, 0, 9])
     ax = latent_scatter(vae, x, labels, class_names=FASHION_MNIST_CLASSES).axes[0]
-    (legend,) = [a for a in ax.artists if isinstance(a, matplotlib.legend.Legend)] or [ax.get_legend()]
+    (legend,) = ax.figure.legends
     assert [t.get_text() for t in legend.get_texts()] == ["T-shirt/top", "Sneaker", "Ankle boot"]
     point_colours = ax.collections[0].get_facecolors()
     for handle, k in zip(legend.legend_handles, (0, 7, 9), strict=True):
         first = int(np.flatnonzero(labels.numpy() == k)[0])
         np.testing.assert_allclose(matplotlib.colors.to_rgb(handle.get_color()), point_colours[first][:3])
-    unnamed = latent_scatter(vae, x, labels).axes[0].get_legend()
+    (unnamed,) = latent_scatter(vae, x, labels).legends
     assert [t.get_text() for t in unnamed.get_texts()] == ["0", "7", "9"]
 
 
@@ -212,10 +211,10 @@ def test_flow_posteriors_are_drawn_as_regions_with_a_legend():
     x = torch.rand(3, D).bernoulli()
     ax = latent_posteriors(flow, x, torch.tensor([0, 1, 2]), n_samples=60, class_names=FASHION_MNIST_CLASSES).axes[0]
     assert len([c for c in ax.collections if isinstance(c, ContourSet)]) == 3  # one region per posterior
-    texts = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert texts == ["posterior mean E[z|x]", "86% region (KDE of 60 draws)"]  # 1 - exp(-2) = 0.865
-    names = [a for a in ax.artists if isinstance(a, matplotlib.legend.Legend)][0]
+    names, markers = ax.figure.legends
     assert [t.get_text() for t in names.get_texts()] == ["T-shirt/top", "Trouser", "Pullover"]
+    texts = [t.get_text() for t in markers.get_texts()]
+    assert texts == ["posterior mean E[z|x]", "86% region (KDE of 60 draws)"]  # 1 - exp(-2) = 0.865
 
 
 def test_comparison_figure_has_a_legend_entry_for_the_seed_dots():

@@ -89,8 +89,8 @@ def _class_legend(fig: Figure, ax, labels: np.ndarray, class_names: Sequence[str
         Line2D([], [], ls="", marker="o", color=colour, label=class_names[k] if class_names else str(k))
         for k, colour in zip(present.tolist(), colours, strict=True)
     ]
-    legend = ax.legend(handles=handles, title="class", loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    ax.add_artist(legend)  # a second legend (the markers') must not replace it
+    # a figure legend "outside": constrained layout makes room for it beside the axes, over no data point
+    fig.legend(handles=handles, title="class", loc="outside right upper", fontsize=8)
 
 
 def _labels(labels: torch.Tensor | None) -> np.ndarray | None:
@@ -225,14 +225,13 @@ def _draw_regions(ax, q, x: torch.Tensor, dims: tuple[int, int], n_std: float, n
     return centres, f"{n_std:g}σ ellipse ({mass:.0%})"
 
 
-def _posterior_legend(ax, what: str) -> None:
-    ax.legend(
+def _posterior_legend(fig: Figure, what: str) -> None:
+    fig.legend(
         handles=[
             Line2D([], [], ls="", marker="o", mfc="w", mec="k", label="posterior mean E[z|x]"),
             Line2D([], [], color="0.3", lw=0.9, label=what),
         ],
-        loc="lower left",
-        bbox_to_anchor=(1.01, 0),
+        loc="outside right lower",
         fontsize=8,
     )
 
@@ -281,7 +280,7 @@ def latent_posteriors(
     ax.scatter(centres[:, 0], centres[:, 1], s=10, c="C0" if colours is None else colours, edgecolors="k", lw=0.4)
     if labels is not None:
         _class_legend(fig, ax, _labels(labels), class_names)
-    _posterior_legend(ax, what)
+    _posterior_legend(fig, what)
     ax.autoscale_view()
     ax.set_aspect("equal", adjustable="datalim")
     ax.set_xlabel(f"z[{dims[0]}]")
