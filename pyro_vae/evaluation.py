@@ -77,6 +77,7 @@ __all__ = [
     "elbo_terms",
     "evaluate",
     "evaluate_elbo",
+    "latent_activity",
     "side_by_side",
 ]
 
@@ -86,6 +87,19 @@ __all__ = [
 DEFAULT_CHUNK_SIZE = 1 << 12
 #: Burda et al.'s threshold on Cov_x(E_q[z_d]) for an active unit.
 ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+def latent_activity(means: torch.Tensor) -> torch.Tensor:
+    r"""Activity of each latent dimension, :math:`A_d = \operatorname{Var}_x(\mathbb{E}_q[z_d])`, the unbiased
+    variance over images of the posterior means (Burda et al. 2016); a unit is active when :math:`A_d >`
+    :data:`ACTIVE_UNIT_THRESHOLD`.
+
+    :param means: posterior means ``(N, L)``.
+    :returns: ``(L,)``; zeros for a single image, whose variance is undefined.
+    """
+    if means.shape[0] < 2:
+        return means.new_zeros(means.shape[-1])
+    return means.var(0, unbiased=True)
 
 
 class ELBOResult(NamedTuple):
@@ -296,7 +310,7 @@ def evaluate(
     reconstruction = acc.get("reconstruction")
     kl = acc.get("kl_analytic") if kl_analytic else acc.get("kl_mc")
     means = acc.get("mean")  # (N, L)
-    activity = means.var(0, unbiased=True) if n_images > 1 else torch.zeros(means.shape[-1], dtype=means.dtype)
+    activity = latent_activity(means)
     to_bits = 1.0 / (input_dim * math.log(2))
     bounds = tuple(
         IWBound(k, mean_se(acc.get(f"iw{k}")), mean_se(-acc.get(f"iw{k}") * to_bits), num_particles // k) for k in ks

@@ -225,3 +225,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
         f"compare.md, compare.csv, runs.csv in {out}"
     )
     return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``pyro-vae plot RUN --kind K``: one figure of a trained run, written atomically; without ``--out`` into
+    ``RUN/plots/<kind>.png`` (listed in the run's files, so ``--overwrite`` of the run removes it)."""
+    from pyro_vae.cli.parser import PLOT_SUFFIXES
+
+    if args.out is not None and args.out.suffix.lower() not in PLOT_SUFFIXES:
+        raise ConfigError(f"--out must end in one of {', '.join(PLOT_SUFFIXES)}, got {args.out}")
+    from pyro_vae.plotting import run_figure
+    from pyro_vae.run_dir import RunDir, load_run
+
+    run = load_run(args.run_dir)  # a missing or damaged run is one line here, before any data are read
+    fig = run_figure(run, args.kind, n=args.n, seed=args.seed, draws=args.draws)
+    if args.out is None:
+        out = RunDir(run.path).write_figure(f"plots/{args.kind}.png", fig)
+    else:
+        out = RunDir(args.out.parent).write_figure(args.out.name, fig)
+    print(f"wrote {out}")
+    return 0

@@ -158,6 +158,52 @@ def _add_sample(sub) -> None:
     sample.set_defaults(run=commands.cmd_sample)
 
 
+#: The figures of ``pyro-vae plot --kind`` (those of :data:`pyro_vae.plotting.PLOT_KINDS`; a test keeps them equal,
+#: since this module must not import matplotlib).
+PLOT_KINDS = ("reconstructions", "samples", "latent", "traversal", "interpolation")
+#: Suffixes ``pyro-vae plot --out`` can write (matplotlib picks the format from the suffix).
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def _plot_kind(value: str) -> str:
+    if value not in PLOT_KINDS:
+        raise argparse.ArgumentTypeError(str(unknown_choice("plot kind", value, PLOT_KINDS)))
+    return value
+
+
+def _add_plot(sub) -> None:
+    plot = sub.add_parser("plot", help="draw one figure of a trained run (reads it without taking its lock)")
+    plot.add_argument("run_dir", type=Path, help="a directory written by 'pyro-vae train'")
+    plot.add_argument(
+        "--kind",
+        type=_plot_kind,
+        required=True,
+        help="reconstructions (original, binarised model input, reconstruction), samples (from the prior), latent "
+        "(posterior means in the 2 most active dimensions), traversal (the most active dimensions varied one per "
+        "row), interpolation (between two test images)",
+    )
+    plot.add_argument(
+        "--out",
+        type=Path,
+        help=f"image file ({', '.join(PLOT_SUFFIXES)}); default RUN/plots/<kind>.png, replaced on each call (the "
+        "figures training wrote into RUN are never touched)",
+    )
+    plot.add_argument(
+        "--n",
+        type=int_type("--n", high=100_000, why="one figure"),
+        help="test images (reconstructions 8, latent 2000), samples (64), rows (traversal 8) or steps "
+        "(interpolation 10)",
+    )
+    plot.add_argument(
+        "--seed",
+        type=field_type(TrainConfig, "seed"),
+        default=0,
+        help="seed of the prior draws (samples) or of the test images picked (traversal, interpolation)",
+    )
+    plot.add_argument("--draws", action="store_true", help="samples: draw x ~ p(x|z) instead of the mean E[x|z]")
+    plot.set_defaults(run=commands.cmd_plot)
+
+
 def _add_compare(sub) -> None:
     compare = _sub(
         sub,
@@ -216,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for add in (_add_train, _add_evaluate, _add_sample, _add_compare):
+    for add in (_add_train, _add_evaluate, _add_sample, _add_compare, _add_plot):
         add(sub)
     return parser
 
 
-__all__ = ["DEFAULT_COMPARE_GUIDES", "build_parser"]
+__all__ = ["DEFAULT_COMPARE_GUIDES", "PLOT_KINDS", "build_parser"]

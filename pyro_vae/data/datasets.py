@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pyro_vae.config import DEFAULT_FASHION_MNIST_DIR, DataConfig
+from pyro_vae.data.classes import FASHION_MNIST_CLASSES, MNIST_CLASSES, class_names_from_array
 from pyro_vae.data.idx import decode_idx, read_idx
 from pyro_vae.data.images import check_image_tensor, images_and_shape, labels, read_layout, validate_images
 from pyro_vae.errors import DataError, unknown_choice
@@ -69,7 +70,7 @@ _IDX_STEMS = {
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
-_NPZ_KEYS = ("x", "y", "x_test", "y_test", "layout")
+_NPZ_KEYS = ("x", "y", "x_test", "y_test", "layout", "classes")
 _SAVE_HINT = "save the images with numpy.savez(path, x=images, y=labels)"
 
 
@@ -86,6 +87,8 @@ class Dataset:
     :param image_shape: ``(C, H, W)`` with ``C * H * W == D`` (grey: ``C = 1``; rows are flattened channel-first)
         when the source gave images, so networks and plots can reshape rows; ``None`` when it gave flat ``(N, D)``.
     :param bool binary: whether every value of both splits is exactly 0 or 1.
+    :param class_names: the name of each label ``0..C-1`` where the source has them (Fashion-MNIST, MNIST, an npz
+        ``classes`` array), so that figures can name classes; ``None`` otherwise.
     """
 
     name: str
@@ -95,6 +98,7 @@ class Dataset:
     y_test: torch.Tensor | None
     image_shape: tuple[int, ...] | None
     binary: bool
+    class_names: tuple[str, ...] | None = None
 
     @property
     def input_dim(self) -> int:
@@ -129,6 +133,7 @@ class _Loaded(NamedTuple):
     x_test: torch.Tensor
     y_test: torch.Tensor | None
     image_shape: tuple[int, ...] | None
+    class_names: tuple[str, ...] | None = None
 
 
 def _split(
@@ -208,7 +213,7 @@ def _load_embedded(config: DataConfig) -> _Loaded:
         arrays["x_test"],
         arrays["y_test"],
         what=tuple(f"embedded {EMBEDDED_FILES[key]}" for key in ("x_train", "y_train", "x_test", "y_test")),
-    )
+    )._replace(class_names=FASHION_MNIST_CLASSES)
 
 
 def _find_idx(directory: Path, stem: str) -> Path:
@@ -236,7 +241,7 @@ def _load_fashion_mnist(config: DataConfig) -> _Loaded:
         arrays["x_test"],
         arrays["y_test"],
         what=tuple(str(paths[key]) for key in ("x_train", "y_train", "x_test", "y_test")),
-    )
+    )._replace(class_names=FASHION_MNIST_CLASSES)
 
 
 def _load_mnist(config: DataConfig) -> _Loaded:
@@ -260,7 +265,7 @@ def _load_mnist(config: DataConfig) -> _Loaded:
         "mnist",
         *parts,
         what=("MNIST training images", "MNIST training labels", "MNIST test images", "MNIST test labels"),
-    )
+    )._replace(class_names=MNIST_CLASSES)
 
 
 def _check_npz_sizes(path: Path, keys: list[str]) -> None:
@@ -319,7 +324,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             )
         ignored = sorted(set(keys) - set(_NPZ_KEYS))
         if ignored:
-            logger.warning("ignoring arrays %s in %s: only x, y, x_test, y_test and layout are read", ignored, path)
+            logger.warning("ignoring arrays %s in %s: only %s are read", ignored, path, ", ".join(_NPZ_KEYS))
         _check_npz_sizes(path, [key for key in _NPZ_KEYS if key in keys])
         arrays = {}
         for key in _NPZ_KEYS:
@@ -333,8 +338,15 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _load_npz(config: DataConfig) -> _Loaded:
+    arrays = _read_npz(Path(config.path))
+    loaded = _load_npz_images(config, arrays)
+    if "classes" not in arrays:
+        return loaded
+    return loaded._replace(class_names=class_names_from_array(arrays["classes"], (loaded.y_train, loaded.y_test)))
+
+
+def _load_npz_images(config: DataConfig, arrays: dict[str, np.ndarray]) -> _Loaded:
     path = Path(config.path)
-    arrays = _read_npz(path)
     if "y_test" in arrays and "x_test" not in arrays:
         raise DataError(f"data file {path} has y_test but no x_test; add the test images or drop y_test")
     if "x_test" in arrays and ("y" in arrays) != ("y_test" in arrays):
@@ -403,10 +415,11 @@ def load_dataset(config: DataConfig) -> Dataset:
     ``n_train`` / ``n_test`` keep the first images of each split. For ``npz``, the file at ``config.path`` must
     hold ``x`` (``uint8`` 0..255, ``bool``, or float in ``[0, 1]``; shaped ``(N, H, W)``, ``(N, C, H, W)``,
     ``(N, H, W, C)`` with C = 1 or 3, or flat ``(N, D)``) and may hold integer labels ``y``, a test split
-    ``x_test`` / ``y_test``, and a ``layout`` string (``"NCHW"`` or ``"NHWC"``) for a 4-d ``x`` whose shape reads
-    both ways (channels-last is otherwise detected and logged). Without ``x_test``, a permutation seeded with
-    :data:`HOLDOUT_SEED` holds out ``round(N * test_fraction)`` images (at least one) as the test split; both splits
-    keep that permuted order. Other arrays in the file are ignored with a warning.
+    ``x_test`` / ``y_test``, a 1-d string array ``classes`` naming labels 0, 1, ..., and a ``layout`` string
+    (``"NCHW"`` or ``"NHWC"``) for a 4-d ``x`` whose shape reads both ways (channels-last is otherwise detected and
+    logged). Without ``x_test``, a permutation seeded with :data:`HOLDOUT_SEED` holds out ``round(N * test_fraction)``
+    images (at least one) as the test split; both splits keep that permuted order. Other arrays in the file are
+    ignored with a warning.
 
     :param DataConfig config: the data section of the run configuration.
     :returns: the validated :class:`Dataset`, on the CPU.
@@ -428,6 +441,7 @@ def load_dataset(config: DataConfig) -> Dataset:
         y_test=y_test,
         image_shape=loaded.image_shape,
         binary=_is_binary(x_train) and _is_binary(x_test),
+        class_names=loaded.class_names,
     )
     logger.info("loaded %r", dataset)
     return dataset

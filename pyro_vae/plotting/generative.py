@@ -1,0 +1,197 @@
+"""Figures of the generative side: prior samples, latent traversals and interpolations.
+
+They use the VAE's public API only (``encode``, ``decode``, ``sample``, ``model``, ``latent_dim``). Codes come from the
+model's own prior: :meth:`VAE.sample` for mean images, and the model's ``"z"`` site (a trace of ``vae.model`` with the
+observation removed by ``poutine.uncondition``) for draws and for the prior's location and scale, so a learned prior
+is drawn as it is, not as N(0, I).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from matplotlib.figure import Figure
+from pyro import poutine
+
+from pyro_vae.config import check_float, check_int
+from pyro_vae.errors import ConfigError
+from pyro_vae.importance import own_rng
+from pyro_vae.model import VAE, posterior_mean
+from pyro_vae.plotting.images import image_grid, image_rows
+from pyro_vae.plotting.latent import most_active_dims
+
+__all__ = ["PRIOR_MOMENT_SAMPLES", "interpolation", "latent_traversal", "sample_grid"]
+
+#: Draws that estimate a prior's mean and standard deviation when it has none in closed form (a mixture, a flow):
+#: the standard error of the mean is σ/64, a 1.6 % shift of the traversal's span.
+PRIOR_MOMENT_SAMPLES = 4096
+#: Traversal rows drawn when ``dims`` is not given.
+DEFAULT_TRAVERSAL_DIMS = 8
+
+
+def _device(vae: VAE) -> torch.device:
+    return next(vae.parameters()).device
+
+
+def _generative_trace(vae: VAE, n: int, seed: int) -> poutine.Trace:
+    """A trace of the model for ``n`` data points with ``x`` sampled, not observed: ``z ~ p(z)``, ``x ~ p(x | z)``,
+    drawn from a stream seeded with ``seed`` (:func:`~pyro_vae.importance.own_rng`: the caller's stream is left as it
+    was).
+    """
+    device = _device(vae)
+    dim = vae.decode(torch.zeros(1, vae.latent_dim, device=device)).event_shape[-1]
+    placeholder = torch.zeros(n, dim, device=device)  # sets the plate size; uncondition drops it as an observation
+    with torch.no_grad(), own_rng(placeholder, seed):
+        return poutine.trace(poutine.uncondition(vae.model)).get_trace(placeholder)
+
+
+def _prior_moments(vae: VAE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prior's mean and standard deviation per latent dimension, ``(L,)`` each: in closed form where the
+    distribution has them, from :data:`PRIOR_MOMENT_SAMPLES` draws otherwise."""
+    prior = _generative_trace(vae, 1, seed=0).nodes["z"]["fn"]  # batch_shape (1,), event_shape (L,)
+    try:
+        return prior.mean[0], prior.stddev[0]
+    except NotImplementedError:
+        with torch.no_grad(), own_rng(torch.zeros(0, device=_device(vae)), seed=0):
+            draws = prior.sample((PRIOR_MOMENT_SAMPLES,))[:, 0]  # (S, L)
+        return draws.mean(0), draws.std(0)
+
+
+def sample_grid(
+    vae: VAE, image_shape: Sequence[int] | None = None, n: int = 64, seed: int = 0, draws: bool = False
+) -> Figure:
+    """``n`` images from the model's prior, with a title that says which kind.
+
+    :param vae: the model.
+    :param image_shape: see :func:`~pyro_vae.plotting.image_layout`.
+    :param int n: number of images (default 64).
+    :param int seed: seed of the prior draws.
+    :param bool draws: ``False`` (default): the decoder means E[x | z] for z ~ p(z) (:meth:`VAE.sample`), smooth
+        images; ``True``: draws x ~ p(x | z), which for a Bernoulli likelihood are binary and speckled.
+    """
+    check_int("n", n, low=1)
+    if draws:
+        images = _generative_trace(vae, n, seed).nodes["x"]["value"]
+        title = "draws x ~ p(x|z), z ~ p(z)"
+    else:
+        generator = torch.Generator(device=_device(vae)).manual_seed(seed)
+        images = vae.sample(n, generator=generator)
+        title = "decoder means E[x|z], z ~ p(z)"
+    return image_grid(images, image_shape, ncols=int(math.ceil(math.sqrt(n))), title=title)
+
+
+def _one_image(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.dim() == 1:
+        return x[None]
+    if x.dim() != 2 or x.shape[0] < 1:
+        raise ConfigError(f"{what} must be one image (D,) or images (B, D), got shape {tuple(x.shape)}")
+    return x[:1]
+
+
+@torch.no_grad()
+def latent_traversal(
+    vae: VAE,
+    x: torch.Tensor,
+    dims: Sequence[int] | None = None,
+    span: float = 3.0,
+    steps: int = 9,
+    image_shape: Sequence[int] | None = None,
+) -> Figure:
+    r"""Decode codes that vary one latent dimension at a time: row ``k`` sets :math:`z_{d_k}` to
+    :math:`\mu_{d_k} + t\,\sigma_{d_k}` for ``steps`` values of :math:`t` evenly spaced in ``[-span, span]``, where
+    :math:`\mu, \sigma` are the prior's mean and standard deviation (for the standard prior, :math:`z_d` itself runs
+    over ``[-span, span]``), and keeps every other dimension at the posterior mean of ``x[0]``. Images are the
+    decoder means E[x | z].
+
+    :param vae: the model.
+    :param x: the image to traverse, ``(D,)``, or images ``(B, D)``: ``x[0]`` is traversed and all ``B`` rank the
+        dimensions by activity when ``dims`` is not given (as the model sees them: binarised where it was).
+    :param dims: the dimensions to vary, one row each; default the 8 most active over ``x``
+        (:func:`~pyro_vae.plotting.most_active_dims`; at most ``latent_dim``).
+    :param float span: the range in prior standard deviations (default 3).
+    :param int steps: images per row (default 9).
+    :param image_shape: see :func:`~pyro_vae.plotting.image_layout`.
+    """
+    check_float("span", span, low=0.0, open_low=True)
+    check_int("steps", steps, low=2)
+    if dims is None:
+        if x.dim() != 2 or x.shape[0] < 2:
+            raise ConfigError(
+                "latent_traversal ranks dimensions by activity over the images x, and needs at least 2 of them; "
+                "pass more images or dims=[...]"
+            )
+        dims = most_active_dims(vae, x).dims[:DEFAULT_TRAVERSAL_DIMS]
+    dims = [check_int("dims[i]", d, low=0, high=vae.latent_dim - 1) for d in dims]
+    if not dims:
+        raise ConfigError("latent_traversal needs at least one dimension in dims")
+    centre = posterior_mean(vae.encode(_one_image(x, "x").to(_device(vae))))[0]  # (L,)
+    loc, scale = _prior_moments(vae)
+    t = torch.linspace(-span, span, steps, device=centre.device, dtype=centre.dtype)  # (steps,)
+    rows = []
+    for d in dims:
+        z = centre.expand(steps, -1).clone()  # (steps, L)
+        z[:, d] = loc[d] + t * scale[d]
+        rows.append(vae.decode(z).mean)  # (steps, D)
+    return image_rows(
+        rows,
+        [f"z[{d}]" for d in dims],
+        image_shape,
+        title=f"latent traversal: each row varies one z[d] over ±{span:g} prior SD\n(the others stay at E[z|x])",
+        column_labels=[f"{v:+.2g}σ" for v in t.tolist()],
+    )
+
+
+def _path(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, spherical: bool) -> torch.Tensor:
+    """Codes ``(steps, L)`` from ``a`` to ``b`` at fractions ``t`` ``(steps,)``: linear, or along the great circle
+    (slerp, Shoemake 1985), which is linear where ``a`` and ``b`` are parallel."""
+    t = t[:, None]
+    if spherical:
+        cos = torch.dot(a, b) / (a.norm() * b.norm()).clamp(min=torch.finfo(a.dtype).tiny)
+        omega = torch.arccos(cos.clamp(-1.0, 1.0))
+        if omega > 1e-4:  # below, sin(tΩ)/sin(Ω) → t to within Ω² = 1e-8: the linear path
+            return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    return (1 - t) * a + t * b
+
+
+@torch.no_grad()
+def interpolation(
+    vae: VAE,
+    x_a: torch.Tensor,
+    x_b: torch.Tensor,
+    steps: int = 10,
+    image_shape: Sequence[int] | None = None,
+    spherical: bool = False,
+) -> Figure:
+    r"""Decode the path between two images' posterior means :math:`m_a, m_b`: the top row shows ``x_a`` and ``x_b``
+    at its ends, the bottom row the decoder means E[x | z(t)] for ``steps`` values of t evenly spaced in [0, 1].
+
+    The path is linear, :math:`z(t) = (1 - t)\,m_a + t\,m_b`, by default. ``spherical=True`` follows the great
+    circle instead (slerp: :math:`z(t) = [\sin((1-t)\Omega)\,m_a + \sin(t\Omega)\,m_b] / \sin\Omega`, with
+    :math:`\Omega` the angle between them), which keeps the norm of z in the shell where a standard normal prior puts
+    its mass rather than cutting through the low-norm centre.
+
+    :param vae: the model.
+    :param x_a: the start image ``(D,)`` or ``(1, D)``.
+    :param x_b: the end image ``(D,)`` or ``(1, D)``.
+    :param int steps: decoded images on the path, both ends included (default 10).
+    :param image_shape: see :func:`~pyro_vae.plotting.image_layout`.
+    :param bool spherical: slerp instead of the straight line.
+    """
+    check_int("steps", steps, low=2)
+    device = _device(vae)
+    pair = torch.cat([_one_image(x_a, "x_a"), _one_image(x_b, "x_b")]).to(device)  # (2, D)
+    means = posterior_mean(vae.encode(pair))  # (2, L)
+    t = torch.linspace(0.0, 1.0, steps, device=device, dtype=means.dtype)
+    decoded = vae.decode(_path(means[0], means[1], t, spherical)).mean  # (steps, D)
+    ends = torch.ones_like(decoded)  # white between the two inputs
+    ends[0], ends[-1] = pair[0], pair[1]
+    kind = "spherical (slerp)" if spherical else "linear"
+    return image_rows(
+        [ends, decoded],
+        ["inputs a, b", "E[x|z(t)]"],
+        image_shape,
+        title=f"{kind} interpolation between\nthe posterior means of a and b",
+        column_labels=[f"t={v:.2g}" for v in t.tolist()],
+    )
