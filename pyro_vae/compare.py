@@ -62,6 +62,7 @@ from pyro_vae.data import Dataset, binarize_eval, check_batch_size, check_likeli
 from pyro_vae.errors import ConfigError, NonFiniteLossError
 from pyro_vae.evaluation import DataProtocol, evaluate, evaluate_elbo
 from pyro_vae.guides import make_family
+from pyro_vae.likelihoods import make_likelihood
 from pyro_vae.model import VAE
 from pyro_vae.objectives import make_objective
 from pyro_vae.optim import adamw
@@ -206,7 +207,7 @@ def _check_counts(seeds, nll_k, nll_images) -> list[int]:
 def _check_data(data: Dataset, config: RunConfig) -> None:
     """What every run's :func:`~pyro_vae.train.fit` would refuse, refused once before anything is written."""
     check_batch_size(data.x_train.shape[0], config.train.batch_size)
-    check_likelihood_data(data, config.data.binarize, config.model.likelihood)
+    check_likelihood_data(data, config.data.binarize, make_likelihood(config.model.likelihood))
 
 
 def _check_out_dir(out: Path, jobs: Sequence[_Job], overwrite: bool) -> None:

@@ -416,7 +416,7 @@ def _check_inputs(vae: VAE, data: Dataset, config: RunConfig, callbacks: Sequenc
     if data.input_dim != vae.input_dim:
         raise ConfigError(f"the data have {data.input_dim} values per image but the VAE expects {vae.input_dim}")
     check_batch_size(data.x_train.shape[0], config.train.batch_size)
-    check_likelihood_data(data, config.data.binarize, vae.likelihood.name)
+    check_likelihood_data(data, config.data.binarize, vae.likelihood)
 
 
 def _consistent_config(vae: VAE, config: RunConfig | None) -> RunConfig:
