@@ -88,6 +88,11 @@ def test_shapes_spec_round_trip_and_mean(spec, float64):
     assert p.batch_shape == (4,) and p.event_shape == (D,)
     x = _data_for(spec, (4, D), 1)
     assert p.log_prob(x).shape == (4,)
+    expanded = p.expand((3, 4))  # as a plate of particles broadcasts it
+    assert expanded.batch_shape == (3, 4) and expanded.log_prob(x).shape == (3, 4)
+    torch.testing.assert_close(expanded.log_prob(x)[1], p.log_prob(x), rtol=0, atol=0)
+    particles = likelihood(raw.expand(2, 4, -1))  # vectorised particles: raw (P, B, params_per_dim · D)
+    assert particles.batch_shape == (2, 4) and particles.log_prob(x).shape == (2, 4)
     mean = likelihood.mean(raw)
     assert mean.shape == (4, D)
     if spec not in ("gaussian", "gaussian:0.05", "gaussian:learned", "gaussian:shared", "gaussian:optimal"):
@@ -98,7 +103,11 @@ def test_shapes_spec_round_trip_and_mean(spec, float64):
     ("spec", "message"),
     [
         ("gaussian:-1", "σ must be a positive finite number, got -1.0"),
-        ("gaussian:learnd", "the option must be a fixed σ > 0 (e.g. 'gaussian:0.1'), 'learned', 'shared' or 'optimal'"),
+        (
+            "gaussian:learnd",
+            "unknown option of likelihood 'gaussian' 'learnd'; choose one of: learned, optimal, shared "
+            "(did you mean 'learned'?); or give a fixed σ > 0, e.g. 'gaussian:0.1'",
+        ),
         ("beta:0.5", "the clamp ε must be a number in (0.0, 0.5), got 0.5"),
         ("beta:x", "the option is the clamp ε in (0, 0.5)"),
         ("bernoulli:2", "likelihood 'bernoulli' takes no ':option'"),

@@ -26,7 +26,7 @@ from pyro.distributions import constraints
 from torch import nn
 
 from pyro_vae.config import check_float
-from pyro_vae.errors import ConfigError
+from pyro_vae.errors import ConfigError, unknown_choice
 from pyro_vae.likelihoods.base import Likelihood, register
 
 #: Default fixed σ for pixels in [0, 1]. σ = 1 (the "MSE loss" convention) is wider than the whole data range, so
@@ -143,10 +143,8 @@ class GaussianLikelihood(Likelihood):
         try:
             scale = float(option)
         except ValueError:
-            raise ConfigError(
-                f"likelihood 'gaussian:{option}': the option must be a fixed σ > 0 (e.g. 'gaussian:0.1'), "
-                "'learned', 'shared' or 'optimal'"
-            ) from None
+            words = unknown_choice("option of likelihood 'gaussian'", option, MODES[1:])
+            raise ConfigError(f"{words}; or give a fixed σ > 0, e.g. 'gaussian:0.1'") from None
         check_float(f"in likelihood 'gaussian:{option}', σ", scale, low=0.0, open_low=True)
         return cls(scale=scale)
 
