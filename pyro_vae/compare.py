@@ -283,7 +283,7 @@ def _check_data(data: Dataset, configs: Sequence[RunConfig]) -> None:
     """What every run's :func:`~pyro_vae.train.fit` would refuse, refused once before anything is written."""
     for config in configs:
         check_batch_size(data.x_train.shape[0], config.train.batch_size)
-        check_likelihood_data(data, config.data.binarize, config.model.likelihood)
+        check_likelihood_data(data, config.data.binarize, make_likelihood(config.model.likelihood))
 
 
 def _check_out_dir(out: Path, jobs: Sequence[_Job], overwrite: bool) -> None:

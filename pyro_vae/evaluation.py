@@ -10,7 +10,9 @@ particle plate (see :mod:`pyro_vae.importance`), replays the model on them and f
   w_{k'i}`, averaged over the :math:`G = \lfloor K / k \rfloor` disjoint groups of k particles, so that smaller k
   reuse the same draws at no extra cost (k = 1 gives the K-sample Monte Carlo ELBO). It is a stochastic lower
   bound, :math:`\mathbb{E}[\hat{\mathcal{L}}_k] \le \log p(x_i)`, non-decreasing in k; :math:`-\hat{\mathcal{L}}_K`
-  is the reported NLL. Bits per dimension are :math:`-\hat{\mathcal{L}}_k / (D \ln 2)`;
+  is the reported NLL. Bits per dimension follow :func:`bits_rule`: :math:`-\hat{\mathcal{L}}_k / (D \ln 2)` for a
+  discrete likelihood, :math:`(-\hat{\mathcal{L}}_k + D \ln 256) / (D \ln 2)` for a density on 8-bit data (the
+  dequantisation offset, :func:`pyro_vae.protocol.bits_per_dim`), none for a density on other data;
 * the **test ELBO** = reconstruction − KL, with reconstruction :math:`\frac{1}{K}\sum_k \log p(x_i \mid z_{ki})`
   and the KL analytic where the guide and prior have one (Gaussian families: ``kl_method="analytic"``), else its
   K-sample Monte Carlo estimate;
@@ -35,7 +37,6 @@ every :class:`EvalResult`; :func:`side_by_side` refuses to put results with diff
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -47,6 +48,7 @@ from pyro.infer.util import is_validation_enabled
 from torch.distributions import kl_divergence
 
 from pyro_vae.config import check_int
+from pyro_vae.data import data_kind
 from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.importance import log_mean_exp, log_weights, own_rng, particle_traces
 from pyro_vae.model import VAE, posterior_mean
@@ -57,6 +59,7 @@ from pyro_vae.protocol import (
     IWBound,
     Protocol,
     ProtocolMismatchError,
+    bits_per_dim,
     check_same_protocol,
     side_by_side,
 )
@@ -73,6 +76,7 @@ __all__ = [
     "MeanSE",
     "Protocol",
     "ProtocolMismatchError",
+    "bits_rule",
     "check_same_protocol",
     "elbo_terms",
     "evaluate",
@@ -265,6 +269,23 @@ def _evaluate_chunks(
     return acc
 
 
+def bits_rule(likelihood, x: torch.Tensor) -> str:
+    """How bits per dimension are reported for ``likelihood`` on the evaluated images ``x`` (a key of
+    :data:`pyro_vae.protocol.BITS_RULES`, formulas in :func:`pyro_vae.protocol.bits_per_dim`): ``"discrete"`` for a
+    probability mass function, ``"dequantized"`` for a density on 8-bit data (the offset log 256 per dimension
+    included), ``"off_grid"`` for a density on any other data (binary ones too: no bits/dim), ``"unnormalized"``
+    for a likelihood that fits itself to each image.
+
+    :param likelihood: a :class:`~pyro_vae.likelihoods.Likelihood` (``discrete`` and ``normalized`` are read).
+    :param x: the evaluated images ``(N, D)``, binarised as the model saw them.
+    """
+    if not likelihood.normalized:
+        return "unnormalized"
+    if likelihood.discrete:
+        return "discrete"
+    return "dequantized" if data_kind(x) == "8bit" else "off_grid"
+
+
 def _check_evaluate_args(ks, chunk_size, x: torch.Tensor) -> tuple[int, ...]:
     ks = _check_ks(ks)
     check_int("chunk_size (particles × images per pass)", chunk_size, low=1)
@@ -311,20 +332,23 @@ def evaluate(
     kl = acc.get("kl_analytic") if kl_analytic else acc.get("kl_mc")
     means = acc.get("mean")  # (N, L)
     activity = latent_activity(means)
-    to_bits = 1.0 / (input_dim * math.log(2))
-    bounds = tuple(
-        IWBound(k, mean_se(acc.get(f"iw{k}")), mean_se(-acc.get(f"iw{k}") * to_bits), num_particles // k) for k in ks
-    )
+    rule = bits_rule(vae.likelihood, x)
+    bounds = []
+    for k in ks:
+        log_px = mean_se(acc.get(f"iw{k}"))
+        bounds.append(IWBound(k, log_px, bits_per_dim(log_px, input_dim, rule), num_particles // k))
+    likelihood = vae.likelihood
     return EvalResult(
-        protocol=Protocol(*(protocol or DataProtocol()), vae.likelihood.name, ks, n_images),
+        protocol=Protocol(*(protocol or DataProtocol()), likelihood.spec, ks, n_images, likelihood.clamp),
         elbo=mean_se(reconstruction - kl),
         reconstruction=mean_se(reconstruction),
         kl=mean_se(kl),
         kl_method="analytic" if kl_analytic else "monte_carlo",
-        bounds=bounds,
+        bounds=tuple(bounds),
         active_units=int((activity > ACTIVE_UNIT_THRESHOLD).sum()),
         latent_activity=tuple(activity.tolist()),
         kl_per_dim=tuple(acc.get("kl_dims").mean(0).tolist()) if acc.has("kl_dims") else None,
         input_dim=input_dim,
         seed=seed,
+        bits_rule=rule,
     )

@@ -23,46 +23,16 @@ every IW bound equal :math:`\log p(x)` with zero variance.
 
 from __future__ import annotations
 
-import math
-
 import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 
 from pyro_vae.guides import GuideFamily
-from pyro_vae.likelihoods import Likelihood
+from pyro_vae.likelihoods import GaussianLikelihood
 from pyro_vae.model import VAE
 
 __all__ = ["GaussianLikelihood", "LinearEncoder", "LinearGaussianVAE"]
-
-
-class GaussianLikelihood(Likelihood):
-    """``Normal(decoder(z), σ).to_event(1)`` with one learned noise scale σ shared by all D dimensions.
-
-    :param float scale: initial σ > 0 (default 1); stored as ``log σ``, so it stays positive during training.
-    """
-
-    name = "normal"
-
-    def __init__(self, scale: float = 1.0):
-        super().__init__()
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ValueError(f"the noise scale must be a positive finite number, got {scale!r}")
-        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
-
-    @property
-    def scale(self) -> torch.Tensor:
-        """σ, a 0-dimensional tensor."""
-        return self.log_scale.exp()
-
-    def forward(self, raw: torch.Tensor) -> dist.TorchDistribution:
-        # A contiguous scale: torch's log of a stride-0 (expanded) tensor is much slower than of a dense one.
-        scale = self.scale.expand(raw.shape).contiguous()  # (..., D)
-        return dist.Normal(raw, scale).to_event(1)  # batch raw.shape[:-1], event (D,)
-
-    def mean(self, raw: torch.Tensor) -> torch.Tensor:
-        return raw
 
 
 class LinearEncoder(nn.Module):
@@ -89,7 +59,8 @@ class LinearGaussianVAE(VAE):
     r"""Probabilistic PCA as a VAE: ``z ~ N(0, I)``, ``x = W z + b + σ ε``, with an amortised linear encoder.
 
     The decoder is ``nn.Linear(L, D)`` (weight :math:`W`, ``(D, L)``, and bias :math:`b`), the likelihood a
-    :class:`GaussianLikelihood` with learned σ, and the encoder a :class:`LinearEncoder` feeding the guide family.
+    :class:`~pyro_vae.likelihoods.GaussianLikelihood` with one learned σ (``gaussian:shared``, no floor), and the
+    encoder a :class:`LinearEncoder` feeding the guide family.
     :meth:`model` and :meth:`guide` are the :class:`~pyro_vae.model.VAE`'s own programs.
 
     :param int input_dim: D.
@@ -115,7 +86,7 @@ class LinearGaussianVAE(VAE):
             hidden_dims=(1,),
             guide=guide,
             guide_options=guide_options,
-            likelihood=GaussianLikelihood(noise_scale),
+            likelihood=GaussianLikelihood(noise_scale, mode="shared", min_scale=0.0),
         )
         self.encoder = LinearEncoder(input_dim, self.family.num_params)
         self.decoder = nn.Linear(latent_dim, input_dim)

@@ -19,11 +19,13 @@ from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.stats import MeanSE
 
 __all__ = [
+    "BITS_RULES",
     "DataProtocol",
     "EvalResult",
     "IWBound",
     "Protocol",
     "ProtocolMismatchError",
+    "bits_per_dim",
     "check_same_protocol",
     "side_by_side",
 ]
@@ -58,7 +60,8 @@ class DataProtocol(NamedTuple):
 
 
 class Protocol(NamedTuple):
-    """Everything that must agree for two evaluation numbers to be comparable."""
+    """Everything that must agree for two evaluation numbers to be comparable: the :class:`DataProtocol`'s fields,
+    the likelihood's spec (e.g. ``gaussian:learned``), the ks, the number of images, and the likelihood's clamp."""
 
     dataset: str
     split: str
@@ -67,6 +70,9 @@ class Protocol(NamedTuple):
     likelihood: str
     ks: tuple[int, ...]
     num_images: int
+    #: The likelihood's clamp ε (``beta``: observations scored at ``clamp(x, ε, 1 − ε)``), ``None`` for the others
+    #: and for records written before the field existed.
+    clamp: float | None = None
 
     def mismatches(self, other: Protocol) -> list[str]:
         """``["field: mine vs other", ...]`` for every field that differs."""
@@ -76,7 +82,9 @@ class Protocol(NamedTuple):
         seed = "" if self.binarize_seed is None else f" (seed {self.binarize_seed})"
         return (
             f"{self.dataset} {self.split} split, {self.num_images} images, binarize={self.binarize}{seed}, "
-            f"likelihood={self.likelihood}, k={','.join(map(str, self.ks))}"
+            f"likelihood={self.likelihood}"
+            + ("" if self.clamp is None else f" (clamped to [{self.clamp:g}, 1 − {self.clamp:g}])")
+            + f", k={','.join(map(str, self.ks))}"
         )
 
 
@@ -91,13 +99,14 @@ class IWBound(NamedTuple):
 
     :ivar k: particles per estimate.
     :ivar log_px: mean over images of :math:`\hat{\mathcal{L}}_k(x_i)`, nats per image, ± standard error.
-    :ivar bits_per_dim: :math:`-\hat{\mathcal{L}}_k / (D \ln 2)` ± standard error.
+    :ivar bits_per_dim: :math:`\hat{\mathcal{L}}_k` in bits per dimension ± standard error (:func:`bits_per_dim`),
+        ``None`` where bits/dim are not defined.
     :ivar groups: disjoint groups of k particles averaged per image.
     """
 
     k: int
     log_px: MeanSE
-    bits_per_dim: MeanSE
+    bits_per_dim: MeanSE | None
     groups: int
 
 
@@ -115,6 +124,8 @@ class EvalResult(NamedTuple):
     :ivar kl_per_dim: mean KL between the Normal marginals of q and p per dimension, or ``None``.
     :ivar input_dim: D.
     :ivar seed: seed of the evaluation noise.
+    :ivar bits_rule: how nats became bits per dimension, a key of :data:`BITS_RULES` (``"discrete"`` in records
+        written before the field existed).
     """
 
     protocol: Protocol
@@ -128,6 +139,7 @@ class EvalResult(NamedTuple):
     kl_per_dim: tuple[float, ...] | None
     input_dim: int
     seed: int
+    bits_rule: str = "discrete"
 
     @property
     def num_images(self) -> int:
@@ -165,8 +177,8 @@ class EvalResult(NamedTuple):
                     "k": b.k,
                     "log_px": b.log_px.mean,
                     "log_px_se": b.log_px.se,
-                    "bits_per_dim": b.bits_per_dim.mean,
-                    "bits_per_dim_se": b.bits_per_dim.se,
+                    "bits_per_dim": None if b.bits_per_dim is None else b.bits_per_dim.mean,
+                    "bits_per_dim_se": None if b.bits_per_dim is None else b.bits_per_dim.se,
                     "groups": b.groups,
                 }
                 for b in self.bounds
@@ -178,18 +190,21 @@ class EvalResult(NamedTuple):
             "kl_per_dim": None if self.kl_per_dim is None else list(self.kl_per_dim),
             "input_dim": self.input_dim,
             "eval_seed": self.seed,
+            "bits_rule": self.bits_rule,
         }
 
     @classmethod
     def from_json(cls, record: dict) -> EvalResult:
         """Inverse of :meth:`to_json` (for comparing saved ``eval.json`` files)."""
         try:
-            protocol = Protocol(**{f: record[f] for f in Protocol._fields if f != "ks"}, ks=tuple(record["ks"]))
+            protocol = Protocol(
+                **{f: _recorded(record, Protocol, f) for f in Protocol._fields if f != "ks"}, ks=tuple(record["ks"])
+            )
             bounds = tuple(
                 IWBound(
                     b["k"],
                     MeanSE(b["log_px"], b["log_px_se"]),
-                    MeanSE(b["bits_per_dim"], b["bits_per_dim_se"]),
+                    None if b["bits_per_dim"] is None else MeanSE(b["bits_per_dim"], b["bits_per_dim_se"]),
                     b["groups"],
                 )
                 for b in record["log_likelihood"]
@@ -207,14 +222,14 @@ class EvalResult(NamedTuple):
                 kl_per_dim=None if kl_per_dim is None else tuple(kl_per_dim),
                 input_dim=record["input_dim"],
                 seed=record["eval_seed"],
+                bits_rule=_recorded(record, cls, "bits_rule"),
             )
         except (KeyError, TypeError) as err:
             raise DataError(f"not an evaluation record written by EvalResult.to_json: missing or bad {err}") from None
 
     def rows(self) -> list[tuple[str, str, str]]:
         """``(metric, nats per image, bits per dimension)`` rows of :meth:`table`."""
-        scale = 1.0 / (self.input_dim * math.log(2))
-        elbo_bpd = MeanSE(-self.elbo.mean * scale, self.elbo.se * scale)
+        elbo_bpd = bits_per_dim(self.elbo, self.input_dim, self.bits_rule)
         rows = [
             ("test ELBO", str(self.elbo), _fmt_bpd(elbo_bpd)),
             ("  reconstruction", str(self.reconstruction), ""),
@@ -230,12 +245,60 @@ class EvalResult(NamedTuple):
         """A printable table of every number, with the protocol underneath."""
         lines = [f"{'metric':<20}{'nats/image':>20}{'bits/dim':>20}"]
         lines += [f"{m:<20}{a:>20}{b:>20}" for m, a, b in self.rows()]
+        lines.append(f"(bits/dim: {BITS_RULES[self.bits_rule]})")
         lines.append(f"({self.protocol.describe()}; eval seed {self.seed})")
         return "\n".join(lines)
 
 
-def _fmt_bpd(value: MeanSE) -> str:
-    return f"{value.mean:.4f} ± {value.se:.4f}"
+def _recorded(record: dict, klass, name: str):
+    """``record[name]``, or the NamedTuple field's default for a field newer than the record."""
+    defaults = klass._field_defaults
+    return record.get(name, defaults[name]) if name in defaults else record[name]
+
+
+def _fmt_bpd(value: MeanSE | None) -> str:
+    return "n/a" if value is None else f"{value.mean:.4f} ± {value.se:.4f}"
+
+
+#: How :func:`bits_per_dim` turns nats per image into bits per dimension, and the note each table prints.
+BITS_RULES = {
+    "discrete": "-log2 p(x) / D of a discrete likelihood",
+    "dequantized": "(-log p(x) + D log 256) / (D log 2): a continuous density on 8-bit data, "
+    "the dequantisation offset log 256 per dimension included",
+    "off_grid": "not reported: a continuous density on data that are not 8-bit has no bits/dim; see nats",
+    "unnormalized": "not reported: the likelihood fits itself to each image (not a normalised density); see nats",
+}
+
+
+def bits_per_dim(log_px: MeanSE, input_dim: int, rule: str) -> MeanSE | None:
+    r"""Bits per dimension of a per-image log-likelihood ``log_px`` (nats, mean ± SE), or ``None`` where the rule
+    defines none.
+
+    * ``discrete`` (a probability mass function: ``bernoulli``, ``discretized_logistic``):
+      :math:`\text{bits/dim} = -\log p(x) / (D \ln 2)`.
+    * ``dequantized`` (a density on 8-bit data scaled to [0, 1]): cut [0, 1] into 256 bins of width
+      :math:`\Delta = 1/256`; level k (value k/255, which lies in bin k) has probability
+      :math:`P(k) = \int_{\text{bin } k} p(y)\,dy \approx p(k/255)\,\Delta` (uniform dequantisation, Theis et al.
+      2016: the integral is :math:`\Delta\,\mathbb{E}_{u \sim U[0,1)}[p((k + u)/256)]`, here taken at one point of
+      the bin). Over D pixels :math:`-\log P(x) \approx -\log p(x) + D \log 256`, so
+
+      .. math:: \text{bits/dim} = \frac{-\log p(x) + D \log 256}{D \ln 2} = \frac{-\log p(x)}{D \ln 2} + 8.
+
+    * ``off_grid`` (a density on data that are not 8-bit, binary data included) and ``unnormalized``: ``None``.
+
+    The transformation is affine, so the standard error scales by :math:`1 / (D \ln 2)`.
+
+    :param log_px: log p(x) in nats per image, mean ± SE.
+    :param int input_dim: D.
+    :param str rule: a key of :data:`BITS_RULES`.
+    """
+    if rule not in BITS_RULES:
+        raise ConfigError(f"unknown bits/dim rule {rule!r}; choose one of: {', '.join(BITS_RULES)}")
+    if rule in ("off_grid", "unnormalized"):
+        return None
+    offset = input_dim * math.log(256.0) if rule == "dequantized" else 0.0
+    to_bits = 1.0 / (input_dim * math.log(2.0))
+    return MeanSE((offset - log_px.mean) * to_bits, log_px.se * to_bits)
 
 
 def check_same_protocol(results: Sequence[EvalResult]) -> Protocol:

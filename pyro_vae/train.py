@@ -421,7 +421,7 @@ def _check_inputs(vae: VAE, data: Dataset, config: RunConfig, callbacks: Sequenc
             "build it with VAE.from_config(config.model, data.input_dim, data.image_shape)"
         )
     check_batch_size(data.x_train.shape[0], config.train.batch_size)
-    check_likelihood_data(data, config.data.binarize, vae.likelihood.name)
+    check_likelihood_data(data, config.data.binarize, vae.likelihood)
 
 
 def _consistent_config(vae: VAE, config: RunConfig | None) -> RunConfig:

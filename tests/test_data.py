@@ -30,6 +30,7 @@ from pyro_vae.data import (
 )
 from pyro_vae.data.datasets import EMBEDDED_FILES, load_embedded_files
 from pyro_vae.errors import ConfigError, DataError
+from pyro_vae.likelihoods import make_likelihood
 
 REPO = Path(__file__).resolve().parents[1]
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -693,12 +694,12 @@ def _dataset(x):
 
 def test_bernoulli_needs_binary_data_without_binarisation(x):
     with raises_data_error("bernoulli", "continuous_bernoulli", "--binarize dynamic/static/threshold"):
-        check_likelihood_data(_dataset(x), "none", "bernoulli")
-    check_likelihood_data(_dataset(x), "none", "continuous_bernoulli")
-    check_likelihood_data(_dataset(x), "dynamic", "bernoulli")
-    check_likelihood_data(_dataset((x > 0.5).float()), "none", "bernoulli")
+        check_likelihood_data(_dataset(x), "none", make_likelihood("bernoulli"))
+    check_likelihood_data(_dataset(x), "none", make_likelihood("continuous_bernoulli"))
+    check_likelihood_data(_dataset(x), "dynamic", make_likelihood("bernoulli"))
+    check_likelihood_data(_dataset((x > 0.5).float()), "none", make_likelihood("bernoulli"))
     with pytest.raises(ConfigError):
-        check_likelihood_data(_dataset(x), "never", "bernoulli")
+        check_likelihood_data(_dataset(x), "never", make_likelihood("bernoulli"))
 
 
 @pytest.mark.cuda

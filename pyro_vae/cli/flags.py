@@ -42,7 +42,7 @@ GUIDE_CHOICES = (
     "sylvester_triangular",
 )
 #: Registered likelihoods (checked against :func:`pyro_vae.likelihoods.likelihood_names` by a test).
-LIKELIHOOD_CHOICES = ("bernoulli", "continuous_bernoulli")
+LIKELIHOOD_CHOICES = ("bernoulli", "beta", "continuous_bernoulli", "discretized_logistic", "gaussian")
 #: Registered priors (checked against :func:`pyro_vae.priors.prior_names` by a test).
 PRIOR_CHOICES = ("standard",)
 #: Registered networks (checked against :func:`pyro_vae.networks.network_names` by a test).

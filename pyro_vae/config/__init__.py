@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyro_vae.config.checks import INT64_MAX, check_field, check_fields, check_float, check_int, option
+from pyro_vae.config.data_kinds import LIKELIHOOD_SUPPORT, check_admits, known_data_kind
 from pyro_vae.config.specs import ObjectiveSpec, ScheduleSpec, parse_objective_spec, parse_schedule_spec
 from pyro_vae.errors import ConfigError
 
@@ -225,11 +226,12 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.model.likelihood == "bernoulli" and self.data.binarize == "none":
-            raise ConfigError(
-                "the bernoulli likelihood needs binary data but binarize is 'none'; "
-                "use --likelihood continuous_bernoulli, or --binarize dynamic|static|threshold"
-            )
+        # The likelihood/data rule of pyro_vae.config.data_kinds, applied where the config alone tells the data's kind
+        # (binarised, or a built-in grey data set); an npz file is checked once loaded (check_likelihood_data).
+        kind = known_data_kind(self.data.binarize, self.data.dataset)
+        support = LIKELIHOOD_SUPPORT.get(self.model.likelihood.partition(":")[0])
+        if kind is not None and support is not None:
+            check_admits(self.model.likelihood, support, kind, self.data.dataset, error=ConfigError)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready nested dict."""

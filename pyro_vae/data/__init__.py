@@ -12,6 +12,7 @@ from pyro_vae.data.batches import (
     binarize_eval,
     check_batch_size,
     check_likelihood_data,
+    data_kind,
     derive_seed,
 )
 from pyro_vae.data.datasets import Dataset, check_dataset, load_dataset, validate_images
@@ -28,6 +29,7 @@ __all__ = [
     "check_dataset",
     "check_likelihood_data",
     "config_at",
+    "data_kind",
     "data_fingerprint",
     "data_record",
     "derive_seed",

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from pyro_vae.config import BINARIZATIONS, check_float, check_int
+from pyro_vae.config.data_kinds import DATA_KINDS, check_admits
 from pyro_vae.errors import DataError, unknown_choice
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ __all__ = [
     "binarize_eval",
     "check_batch_size",
     "check_likelihood_data",
+    "data_kind",
     "derive_seed",
 ]
 
@@ -74,24 +76,37 @@ def _check_binarize(binarize: str) -> None:
         raise unknown_choice("binarization", binarize, BINARIZATIONS)
 
 
-def check_likelihood_data(dataset: Dataset, binarize: str, likelihood: str) -> None:
-    """Refuse a Bernoulli likelihood on grey-level data.
+def data_kind(x: torch.Tensor) -> str:
+    """The kind of images ``x`` in [0, 1] (:data:`pyro_vae.config.data_kinds.DATA_KINDS`): ``"binary"`` when every
+    value is 0 or 1, ``"8bit"`` when every value lies on the grid k/255 (within float32 rounding: 255·x is within
+    1e-3 of an integer), else ``"unit"``.
 
-    With ``binarize="none"`` the model sees the data as it is, so the ``bernoulli`` likelihood is allowed only when
-    ``dataset.binary``; every other protocol makes the data binary.
+    :param x: images ``(N, D)`` (any shape), on any device.
+    """
+    if bool(((x == 0) | (x == 1)).all()):
+        return "binary"
+    steps = x * 255.0
+    return "8bit" if bool(((steps - steps.round()).abs() <= 1e-3).all()) else "unit"
+
+
+def check_likelihood_data(dataset: Dataset, binarize: str, likelihood) -> None:
+    """Refuse data the likelihood does not admit, before training (the rule: :mod:`pyro_vae.config.data_kinds`).
+
+    The model sees binary data under every binarisation but ``none``, and the data as they are under ``none``: then
+    ``bernoulli`` needs binary data and ``discretized_logistic`` data on the 8-bit grid, in both splits.
 
     :param Dataset dataset: the loaded data.
     :param str binarize: one of :data:`pyro_vae.config.BINARIZATIONS`.
-    :param str likelihood: the likelihood's registered name.
-    :raises DataError: for ``bernoulli`` with ``none`` on non-binary data.
+    :param likelihood: a :class:`pyro_vae.likelihoods.Likelihood` (its ``support`` and ``spec`` are read).
+    :raises DataError: one line naming the likelihood, the data and what to do.
     :raises ConfigError: for an unknown ``binarize``.
     """
     _check_binarize(binarize)
-    if likelihood == "bernoulli" and binarize == "none" and not dataset.binary:
-        raise DataError(
-            f"the bernoulli likelihood needs binary data but {dataset.name} has grey levels and binarize is 'none'; "
-            "use --likelihood continuous_bernoulli, or --binarize dynamic/static/threshold"
-        )
+    if binarize != "none" or dataset.binary:
+        kind = "binary"
+    else:
+        kind = max(data_kind(dataset.x_train), data_kind(dataset.x_test), key=DATA_KINDS.index)
+    check_admits(likelihood.spec, likelihood.support, kind, dataset.name)
 
 
 def check_batch_size(n: int, batch_size: int) -> None:
