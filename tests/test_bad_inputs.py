@@ -559,20 +559,17 @@ def test_a_grey_level_likelihood_on_binarised_data_gets_one_warning_line(capsys,
     assert len([r for r in caplog.records if "pass --binarize none" in r.getMessage()]) == 1
 
 
-def test_the_binarisation_rule_reads_the_likelihood_s_attribute_not_its_name(monkeypatch):
-    import pyro_vae.likelihoods as likelihoods
-    from pyro_vae.cli.checks import binarization_hint
+def test_the_binarisation_hint_follows_each_likelihood_s_support():
+    """The hint comes from the likelihood's declared support (the table the admission rule reads), not from names:
+    every registered likelihood that admits more than 0/1 data gets it under a binarisation, and none gets it with
+    --binarize none."""
+    from pyro_vae.config.data_kinds import binarization_hint
+    from pyro_vae.likelihoods import likelihood_class, likelihood_names
 
-    class Binary(likelihoods.BernoulliLikelihood):
-        name = "new_binary"
-
-    class Grey(likelihoods.ContinuousBernoulliLikelihood):
-        name = "new_grey"
-
-    monkeypatch.setitem(likelihoods._REGISTRY, "new_binary", Binary)
-    monkeypatch.setitem(likelihoods._REGISTRY, "new_grey", Grey)
-    with pytest.raises(ConfigError, match="^the new_binary likelihood needs binary data but binarize is 'none'"):
-        binarization_hint("new_binary", "none")
-    assert binarization_hint("new_binary", "static") is None
-    assert "--binarize none" in binarization_hint("new_grey", "threshold")
-    assert binarization_hint("new_grey", "none") is None
+    for name in likelihood_names():
+        grey = likelihood_class(name).support != "binary"
+        for binarize in ("dynamic", "static", "threshold"):
+            hint = binarization_hint(name, binarize)
+            assert (hint is not None) == grey, (name, binarize)
+            assert hint is None or f"--binarize {binarize}" in hint and "pass --binarize none" in hint
+        assert binarization_hint(name, "none") is None

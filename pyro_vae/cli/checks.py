@@ -7,36 +7,9 @@ batch against ``--n-train``) is checked here. Heavy imports happen inside the fu
 from __future__ import annotations
 
 from pyro_vae.config import RunConfig
-from pyro_vae.errors import ConfigError
+from pyro_vae.config.data_kinds import binarization_hint
 
-__all__ = ["binarization_hint", "check_before_load"]
-
-
-def binarization_hint(likelihood: str, binarize: str) -> str | None:
-    """The one rule between a likelihood and a binarisation, keyed on the likelihood's ``requires_binary`` (so a
-    newly registered likelihood follows it without a name here).
-
-    * a likelihood that needs 0/1 data with ``binarize="none"``: refused (grey levels would be out of its support);
-    * a likelihood for grey levels (``requires_binary`` false) with a binarisation that makes the data 0/1: legal
-      (binary data lie in its support), but almost always a slip; the returned hint names the flag to pass.
-
-    :returns: the hint, one line, or ``None`` when the two agree.
-    :raises ConfigError: for a binary likelihood on data kept grey.
-    """
-    from pyro_vae.likelihoods import make_likelihood
-
-    requires_binary = make_likelihood(likelihood).requires_binary
-    if requires_binary and binarize == "none":
-        raise ConfigError(
-            f"the {likelihood} likelihood needs binary data but binarize is 'none'; pass --binarize "
-            "dynamic|static|threshold, or a likelihood for grey levels (e.g. --likelihood continuous_bernoulli)"
-        )
-    if not requires_binary and binarize != "none":
-        return (
-            f"the {likelihood} likelihood models grey levels, but --binarize {binarize} turns the data into 0/1 "
-            "before it sees them; pass --binarize none to model the grey levels"
-        )
-    return None
+__all__ = ["check_before_load"]
 
 
 def check_before_load(config: RunConfig, *, device: bool = True) -> str | None:

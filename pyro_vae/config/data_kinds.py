@@ -100,3 +100,20 @@ def check_admits(likelihood: str, support: str, kind: str, source: str, error: t
         f"the {likelihood} likelihood needs {_NEEDS[support]} but {source} has {_HAS[kind]} and binarize is 'none'; "
         f"{_FIX[support]}"
     )
+
+
+def binarization_hint(likelihood: str, binarize: str) -> str | None:
+    """A hint for a legal but rarely meant pair: a likelihood for grey levels (``support`` wider than ``binary``) on
+    data that a binarisation turns into 0/1 before the model sees them. The refusals are :func:`check_admits`'s.
+
+    :param str likelihood: the likelihood spec (``name`` or ``name:option``).
+    :param str binarize: one of :data:`pyro_vae.config.BINARIZATIONS`.
+    :returns: one line naming the flag to pass, or ``None`` when the two agree.
+    """
+    name = likelihood.partition(":")[0]
+    if binarize == "none" or LIKELIHOOD_SUPPORT.get(name, "binary") == "binary":
+        return None
+    return (
+        f"the {likelihood} likelihood models grey levels, but --binarize {binarize} turns the data into 0/1 "
+        "before it sees them; pass --binarize none to model the grey levels"
+    )
