@@ -57,9 +57,11 @@ def _train_target(args: argparse.Namespace) -> tuple[Path, Path | None, RunConfi
     if args.force_resume:
         raise ConfigError("--force-resume only applies with --resume DIR")
     config = config_from_args(args)
+    from pyro_vae.priors import make_prior
     from pyro_vae.schedules import make_schedule
 
     make_schedule(config.train.kl_schedule)  # its values (linear:0, ...) are refused here, before any data load
+    make_prior(config.model.prior, config.model.latent_dim)  # likewise the prior's K (mog:0, vamp:x, standard:3)
     if args.out is None and _under_torchrun():
         raise ConfigError("under torchrun pass --out DIR: every process must name the same run directory")
     if args.out is None:
