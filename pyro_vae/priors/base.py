@@ -16,7 +16,17 @@ from torch import nn
 from pyro_vae.config.specs import parse_component_spec, spec_int
 from pyro_vae.errors import ConfigError, unknown_choice
 
-__all__ = ["INIT_SEED", "Prior", "StandardNormal", "StandardPrior", "make_prior", "prior_names", "private_rng", "register", "seed_from"]
+__all__ = [
+    "INIT_SEED",
+    "Prior",
+    "StandardNormal",
+    "StandardPrior",
+    "make_prior",
+    "prior_names",
+    "private_rng",
+    "register",
+    "seed_from",
+]
 
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))  # the very constant torch's Normal.log_prob subtracts
 _REGISTRY: dict[str, type[Prior]] = {}

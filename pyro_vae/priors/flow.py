@@ -39,7 +39,8 @@ class FlowPrior(Prior):
     """p(z) as K affine autoregressive steps on N(0, I), scored in one network pass per step.
 
     :param int latent_dim: L.
-    :param int num_flows: K (``flow:K``). Default 4: enough to bend a Gaussian visibly, at K network passes per evaluation.
+    :param int num_flows: K (``flow:K``). Default 4: enough to bend a Gaussian visibly, at K network
+        passes per evaluation.
     :param hidden_dims: hidden widths of each step's masked network (default Pyro's ``[3 L + 1]``).
     """
 

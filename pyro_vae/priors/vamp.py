@@ -93,11 +93,11 @@ class UniformMixture(dist.TorchDistribution):
         index = pick[..., None, None].expand(*shape, 1, every.shape[-1])  # (*S, B, 1, L)
         return every.gather(-2, index).squeeze(-2)  # (*S, B, L)
 
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape=()) -> torch.Tensor:
         with torch.no_grad():
             return self._draw(sample_shape, reparameterised=False)
 
-    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape=()) -> torch.Tensor:
         if not self.has_rsample:
             raise NotImplementedError("the components have no rsample")
         return self._draw(sample_shape, reparameterised=True)
