@@ -77,8 +77,11 @@ class Prior(nn.Module):
         encoder (the VampPrior) keep ``encode``; the others ignore it."""
 
     def initialise(self, x: torch.Tensor, generator: torch.Generator) -> None:
-        """Called once before training with the training images ``(N, D)``; priors with data-dependent
-        initialisation (the VampPrior's pseudo-inputs) use it, the others ignore it."""
+        """Start the prior's parameters for a new run: :func:`~pyro_vae.train.fit` calls it once per new run (not on
+        resume, where the checkpoint holds them) with the training images ``(N, D)`` and a CPU generator seeded from
+        the run's seed. The VampPrior takes its pseudo-inputs from the images; the other learned priors re-draw their
+        initial parameters from ``generator``; the standard prior has none. It is called again by a second ``fit``
+        of the same VAE without ``resume``, which therefore starts the prior afresh."""
 
     def sample_codes(self, n: int, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` codes z ~ p(z), ``(n, L)``, without gradients. With a ``generator`` the draw depends only on it: the
