@@ -17,8 +17,11 @@ from pyro_vae import cli
 from pyro_vae.config import CLOSED_FORM_KL_PRIORS, DataConfig, ModelConfig, RunConfig, TrainConfig
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import ConfigError
+from pyro_vae.guides import family_names
+from pyro_vae.importance import log_weights, particle_traces
 from pyro_vae.model import VAE
 from pyro_vae.priors import FlowPrior, MixturePrior, Prior, UniformMixture, VampPrior, make_prior, prior_names
+from pyro_vae.priors.vamp import SCORES_ANY_Z
 from pyro_vae.step import TrainStep
 from pyro_vae.train import fit
 
@@ -193,6 +196,24 @@ def test_prior_parameters_are_param_sites_of_the_model_and_the_optimiser_steps_t
         assert not torch.equal(p, before[key]), key
 
 
+@pytest.mark.parametrize("name", prior_names())
+def test_importance_weights_and_samples_use_the_prior(name):
+    """IS log p(x) (evaluation, IWAE) takes log p(z) from the model's trace at the guide's particles, and
+    ``vae.sample`` decodes codes drawn by the prior."""
+    pyro.set_rng_seed(0)
+    vae = VAE(D, L, hidden_dims=(8,), prior=SPECS[name])
+    x = torch.rand(4, D, generator=torch.Generator().manual_seed(12)).round()
+    model_trace, guide_trace = particle_traces(vae.model, vae.guide, 5, (x,))
+    z = guide_trace.nodes["z"]["value"]  # (5, 4, L)
+    with torch.no_grad():
+        expected = vae.prior(4, x).log_prob(z)
+    torch.testing.assert_close(log_weights(model_trace, guide_trace, 5).log_prior.detach(), expected, rtol=0, atol=0)
+    codes = vae.prior.sample_codes(3, x, torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        decoded = vae.likelihood.mean(vae.decoder(codes))
+    assert torch.equal(vae.sample(3, generator=torch.Generator().manual_seed(13)), decoded)
+
+
 def test_the_prior_does_not_change_the_networks_initial_weights():
     # Priors draw from a private generator, so compare --vary prior=... starts every run from the same networks.
     def networks(spec):
@@ -244,11 +265,19 @@ def test_vamp_refuses_pseudo_inputs_of_the_wrong_size_and_too_few_images():
         VampPrior(L)(2, torch.zeros(2, L))
 
 
-def test_vamp_with_a_family_that_cannot_score_any_z_is_one_line():
-    prior = prior_of("vamp", guide="planar")
-    z = torch.randn(3, L)
-    with pytest.raises(ConfigError, match="needs q\\(z | x\\) at any z.*use a family that inverts"):
-        prior(3, z).log_prob(z)
+@pytest.mark.parametrize("family", family_names())
+def test_vamp_with_every_guide_family_scores_particles_or_refuses_in_one_line(family):
+    pyro.set_rng_seed(0)
+    vae = VAE(D, L, hidden_dims=(8,), guide=family, prior="vamp:3")
+    x = torch.rand(4, D, generator=torch.Generator().manual_seed(14)).round()
+    if family not in SCORES_ANY_Z:
+        with pytest.raises(ConfigError, match="needs q\\(z \\| x\\) at any z.*scores only its own samples") as info:
+            vae.model(x)
+        assert "\n" not in str(info.value)
+        return
+    terms = log_weights(*particle_traces(vae.model, vae.guide, 5, (x,)), 5)  # z: (5, 4, L) against K = 3
+    assert terms.log_prior.shape == (5, 4) and torch.isfinite(terms.log_prior).all()
+    assert vae.sample(7).shape == (7, D)
 
 
 @pytest.mark.parametrize(

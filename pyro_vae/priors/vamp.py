@@ -8,9 +8,9 @@ pseudo-inputs :math:`u_1, \dots, u_K` (each D values, the prior's own parameters
 
 The prior shares the encoder φ with the guide, so the ELBO's KL term pulls the aggregate posterior and the prior
 together from both sides. Only ``q.log_prob`` is used: the guide family may be a flow without a closed-form mean,
-as long as it scores any z (``mvn_diag``, ``full_rank``, ``low_rank``, ``diag_normal``, and the flows that invert:
-``iaf``, ``householder``, ``spline``). Planar, radial, NAF and Sylvester flows score only their own samples, and are
-refused with one line at the first evaluation.
+as long as it scores any z (:data:`SCORES_ANY_Z`: the Gaussians, and the flows that invert, ``iaf`` in L
+sequential passes). Planar, radial, NAF and Sylvester flows score only their own samples, and are refused with
+one line at the first evaluation.
 
 The pseudo-inputs are unconstrained: the paper clips them to [0, 1] for binary images, but the data this toolkit
 takes include real-valued ones. :meth:`VampPrior.initialise` sets them to K distinct random training images.
@@ -32,7 +32,11 @@ from pyro_vae.config import check_int
 from pyro_vae.errors import ConfigError
 from pyro_vae.priors.base import INIT_SEED, Prior, register
 
-__all__ = ["UniformMixture", "VampPrior"]
+__all__ = ["SCORES_ANY_Z", "UniformMixture", "VampPrior"]
+
+#: The guide families whose q(z | x) has a log-density at any z, which the VampPrior needs (a test checks the list
+#: against every registered family).
+SCORES_ANY_Z = ("diag_normal", "full_rank", "householder", "iaf", "low_rank", "mvn_diag", "spline")
 
 
 class UniformMixture(dist.TorchDistribution):
@@ -76,13 +80,9 @@ class UniformMixture(dist.TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        try:
-            log_q = self.components.log_prob(value.unsqueeze(-2))  # (..., B, K)
-        except (NotImplementedError, KeyError) as err:  # Pyro's planar and radial steps raise KeyError
-            raise ConfigError(
-                f"the VampPrior needs q(z | x) at any z, which this guide family cannot give ({err}); use a family "
-                "that inverts: mvn_diag, diag_normal, full_rank, low_rank, iaf, householder or spline"
-            ) from err
+        # Expanded, not only broadcast: conditional flows expand their context (K, C) to the value's batch shape.
+        every = value.unsqueeze(-2).expand(*value.shape[:-1], self.num_components, value.shape[-1])  # (..., B, K, L)
+        log_q = self.components.log_prob(every)  # (..., B, K)
         log_p = torch.logsumexp(log_q, dim=-1) - math.log(self.num_components)  # (..., B)
         return log_p.expand(torch.broadcast_shapes(log_p.shape, self.batch_shape))
 
@@ -101,6 +101,20 @@ class UniformMixture(dist.TorchDistribution):
         if not self.has_rsample:
             raise NotImplementedError("the components have no rsample")
         return self._draw(sample_shape, reparameterised=True)
+
+
+def _check_scores_any_z(components: dist.TorchDistribution, like: torch.Tensor) -> None:
+    """Refuse, in one line, a guide family whose q(z | x) scores only its own samples. It is checked here, in the
+    model's body, because inside Pyro's log-density pass the error would come back wrapped in a ValueError."""
+    probe = like.new_zeros(components.batch_shape + components.event_shape)  # (K, L): a z no component drew
+    try:
+        with torch.no_grad():
+            components.log_prob(probe)
+    except (NotImplementedError, KeyError) as err:  # Pyro's planar and radial steps raise KeyError
+        raise ConfigError(
+            f"the VampPrior needs q(z | x) at any z, but this guide family scores only its own samples; use one of "
+            f"{', '.join(SCORES_ANY_Z)}"
+        ) from err
 
 
 @register
@@ -123,6 +137,7 @@ class VampPrior(Prior):
         self.num_components = check_int("num_components", num_components, low=1)
         self.pseudo_inputs: nn.Parameter | None = None  # (K, D), created by attach
         self._encode: Callable[[torch.Tensor], dist.TorchDistribution] | None = None
+        self._scores_any_z = False  # checked once, at the first evaluation, by _check_scores_any_z
 
     def attach(self, encode: Callable[[torch.Tensor], dist.TorchDistribution], input_dim: int) -> None:
         self._encode = encode  # the owner's bound method: not a submodule, so its parameters stay the encoder's
@@ -152,7 +167,11 @@ class VampPrior(Prior):
             u.copy_(x[chosen.to(x.device)].reshape(u.shape))
 
     def forward(self, batch_size: int, like: torch.Tensor) -> UniformMixture:
-        components = self._encode(self._attached())  # q(z | u_k): batch (K,), event (L,)
+        u = self._attached()
+        components = self._encode(u)  # q(z | u_k): batch (K,), event (L,)
+        if not self._scores_any_z:
+            _check_scores_any_z(components, u)
+            self._scores_any_z = True
         return UniformMixture(components, [batch_size])  # batch (B,), event (L,)
 
     def _attached(self) -> nn.Parameter:
