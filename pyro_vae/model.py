@@ -40,7 +40,7 @@ __all__ = ["VAE", "StandardNormal", "posterior_mean"]  # StandardNormal lives in
 # Which submodules' parameters each Pyro program announces: the model owns the decoder and the likelihood, the
 # guide the encoder and the family.
 _PARAM_GROUPS = {"model": ("prior", "decoder", "likelihood"), "guide": ("encoder", "family")}
-_ROUTABLE = ("encoder", "decoder", "family", "likelihood")
+_ROUTABLE = ("prior", "encoder", "decoder", "family", "likelihood")
 
 
 class VAE(nn.Module):
@@ -179,7 +179,7 @@ class VAE(nn.Module):
         for name, p in self._param_sites("model"):
             announce_param(name, p, constraint=constraints.real, event_dim=None, name=name)
         with self._plate(x, num_data, index):
-            z = pyro.sample("z", self.prior(x.shape[0], x))  # (B, L), or (P, B, L) with vectorised particles
+            z = pyro.sample("z", self._run("prior")(x.shape[0], x))  # (B, L), or (P, B, L) with vectorised particles
             pyro.sample("x", self._run("likelihood")(self._run("decoder")(z)), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None, index: torch.Tensor | None = None) -> None:

@@ -4,6 +4,9 @@ from the command line, evaluation, sampling, bit-exact resume, and bad input."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyro
@@ -432,3 +435,45 @@ def test_bad_prior_input_is_one_line_and_writes_nothing(args, words, capsys, tmp
     assert len(err) == 1 and err[0].startswith("pyro-vae: error: "), err
     assert all(word in err[0] for word in words), err[0]
     assert not (tmp_path / "run").exists()
+
+
+# Under torchrun the prior is routed through DistributedDataParallel like the networks, so its gradients are averaged
+# across ranks: each rank trains on its own images, and the prior's parameters must still agree after the steps.
+DDP_WORKER = """
+import sys, pyro, torch
+import torch.distributed as tdist
+from pyro.infer import SVI, Trace_ELBO
+from pyro_vae.distributed import context_from_env, init, shutdown, unwrap, wrap
+from pyro_vae.model import VAE
+from pyro_vae.optim import SingleOptimizer
+
+torch.set_num_threads(1)
+ctx = context_from_env("cpu")
+init(ctx)
+pyro.set_rng_seed(0)
+vae = VAE(12, latent_dim=3, hidden_dims=(8,), prior=sys.argv[1])
+wrap(vae, ctx)
+x = torch.bernoulli(torch.full((8, 12), 0.4), generator=torch.Generator().manual_seed(ctx.rank))  # per rank
+svi = SVI(vae.model, vae.guide, SingleOptimizer(torch.optim.SGD, {"lr": 0.1}), Trace_ELBO())
+for _ in range(2):
+    svi.step(x, 64, torch.arange(8) + 8 * ctx.rank)
+mine = torch.cat([p.detach().flatten() for p in vae.prior.parameters()])
+both = [torch.zeros_like(mine) for _ in range(2)]
+tdist.all_gather(both, mine)
+unwrap(vae)
+shutdown()
+if ctx.rank == 0:
+    print("EQUAL" if torch.equal(both[0], both[1]) else "DIFFERENT")
+"""
+
+
+@pytest.mark.slow  # two processes per prior
+@pytest.mark.parametrize("name", LEARNED)
+def test_prior_parameters_agree_across_torchrun_ranks(name, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, SPECS[name]], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "EQUAL"
