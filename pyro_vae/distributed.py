@@ -219,7 +219,7 @@ def any_rank(flag: bool) -> bool:
 
 def unwrap(vae: VAE) -> VAE:
     """Remove the routes set by :func:`wrap`."""
-    vae.route(encoder=None, decoder=None, family=None, likelihood=None)
+    vae.route(prior=None, encoder=None, decoder=None, family=None, likelihood=None)
     return vae
 
 

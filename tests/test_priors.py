@@ -461,6 +461,7 @@ mine = torch.cat([p.detach().flatten() for p in vae.prior.parameters()])
 both = [torch.zeros_like(mine) for _ in range(2)]
 tdist.all_gather(both, mine)
 unwrap(vae)
+assert vae._run("prior") is vae.prior  # unwrap removes the prior's route too
 shutdown()
 if ctx.rank == 0:
     print("EQUAL" if torch.equal(both[0], both[1]) else "DIFFERENT")
