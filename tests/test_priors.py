@@ -307,6 +307,14 @@ def test_meanfield_with_a_learned_prior_is_refused_by_the_config(objective, prio
     RunConfig(model=ModelConfig(prior="standard"), train=TrainConfig(objective=objective))  # the rule is that narrow
 
 
+@pytest.mark.parametrize("prior", LEARNED)
+def test_free_bits_with_a_learned_prior_is_refused_by_the_config(prior):
+    with pytest.raises(ConfigError, match="free_bits KL schedule needs the KL of each latent dimension"):
+        RunConfig(model=ModelConfig(prior=prior), train=TrainConfig(kl_schedule="free_bits:0.25"))
+    RunConfig(model=ModelConfig(prior=prior), train=TrainConfig(kl_schedule="linear:100"))
+    RunConfig(model=ModelConfig(prior="standard"), train=TrainConfig(kl_schedule="free_bits:0.25"))
+
+
 def test_direct_construction_checks_its_size():
     for cls, option in ((MixturePrior, "num_components"), (VampPrior, "num_components"), (FlowPrior, "num_flows")):
         with pytest.raises(ConfigError, match=f"{option} must be a positive integer"):
@@ -426,8 +434,9 @@ def test_every_learned_prior_trains_evaluates_and_samples_from_the_command_line(
         (["--prior", "standard:3"], ["prior 'standard' takes no ':K' option", "use plain 'standard'"]),
         (["--prior", "vamp:65"], ["vamp:65 starts its 65 pseudo-inputs", "only 64; use vamp:64 or fewer"]),
         (["--prior", "mog", "--objective", "meanfield"], ["meanfield objective needs a closed-form KL", "trace"]),
+        (["--prior", "flow", "--kl-schedule", "free_bits:0.5"], ["free_bits KL schedule", "--prior standard"]),
     ],
-    ids=["unknown", "mog:0", "vamp:x", "standard:3", "vamp K > N", "meanfield"],
+    ids=["unknown", "mog:0", "vamp:x", "standard:3", "vamp K > N", "meanfield", "free_bits"],
 )
 def test_bad_prior_input_is_one_line_and_writes_nothing(args, words, capsys, tmp_path):
     code, _, err = run(capsys, "train", *args, *TINY_CLI, "--out", tmp_path / "run")

@@ -64,8 +64,9 @@ DIST_BACKENDS = ("auto", "gloo", "nccl")
 #: What training does on a non-finite loss or gradient (see :class:`pyro_vae.optim.SingleOptimizer`).
 NONFINITE_POLICIES = ("raise", "skip")
 ACTIVATIONS = ("silu", "relu", "gelu", "tanh", "softplus")
-#: The priors with a closed-form KL against Gaussian guides, the ones the ``meanfield`` objective takes (those whose
-#: class says ``standard_normal``; a test checks this against :mod:`pyro_vae.priors`, which config may not import).
+#: The priors with a closed-form KL against Gaussian guides, the only ones the ``meanfield`` objective and the
+#: ``free_bits`` KL schedule take (those whose class says ``standard_normal``; a test checks this against
+#: :mod:`pyro_vae.priors`, which config may not import).
 CLOSED_FORM_KL_PRIORS = ("standard",)
 
 #: Default directory of Debian's ``dataset-fashion-mnist`` package.
@@ -230,12 +231,18 @@ class RunConfig:
                 "the bernoulli likelihood needs binary data but binarize is 'none'; "
                 "use --likelihood continuous_bernoulli, or --binarize dynamic|static|threshold"
             )
-        prior = parse_component_spec(self.model.prior, "prior")
-        if parse_objective_spec(self.train.objective).name == "meanfield" and prior.name not in CLOSED_FORM_KL_PRIORS:
-            raise ConfigError(
-                f"the meanfield objective needs a closed-form KL(q || p), which prior {self.model.prior!r} does not "
-                f"have; use --objective trace (or iwae:K), or --prior {' or '.join(CLOSED_FORM_KL_PRIORS)}"
-            )
+        if parse_component_spec(self.model.prior, "prior").name not in CLOSED_FORM_KL_PRIORS:
+            standard = " or ".join(CLOSED_FORM_KL_PRIORS)
+            if parse_objective_spec(self.train.objective).name == "meanfield":
+                raise ConfigError(
+                    f"the meanfield objective needs a closed-form KL(q || p), which prior {self.model.prior!r} does "
+                    f"not have; use --objective trace (or iwae:K), or --prior {standard}"
+                )
+            if self.train.kl_schedule is not None and parse_schedule_spec(self.train.kl_schedule).name == "free_bits":
+                raise ConfigError(
+                    f"the free_bits KL schedule needs the KL of each latent dimension, which prior "
+                    f"{self.model.prior!r} does not factorise into; use another --kl-schedule, or --prior {standard}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready nested dict."""
