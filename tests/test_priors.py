@@ -368,7 +368,6 @@ def test_fit_starts_a_vamp_run_at_training_images(tiny_data):
     assert all(len(m) >= 1 for m in matches) and len({m[0] for m in matches}) == 5
 
 
-@pytest.mark.slow  # three fits of two tiny epochs per prior
 @pytest.mark.parametrize("name", LEARNED)
 def test_resume_restores_the_prior_bit_exactly(name, tiny_data, tmp_path):
     config = tiny_config(SPECS[name])
