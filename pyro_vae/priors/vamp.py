@@ -44,8 +44,8 @@ class UniformMixture(dist.TorchDistribution):
     ``(K,)``, expanded to ``batch_shape``; event shape that of the components.
 
     ``log_prob(z)`` for z of shape ``(..., *batch_shape, L)`` (e.g. ``(B, L)``, or ``(P, B, L)`` with vectorised
-    particles) evaluates every component at every z by broadcasting z ``(..., B, 1, L)`` against the components'
-    ``(K,)``, giving ``(..., B, K)``, and takes the log-sum-exp over the last axis. ``sample`` picks a component
+    particles) evaluates every component at every z, with z expanded to ``(..., B, K, L)`` against the components'
+    batch ``(K,)``, giving ``(..., B, K)``, and takes the log-sum-exp over the last axis. ``sample`` picks a component
     uniformly per draw and returns that component's draw (``rsample`` likewise, where the components have one): all
     K components are drawn and one is kept, which costs K draws per sample and works for any family.
 
@@ -126,7 +126,7 @@ class VampPrior(Prior):
 
     :param int latent_dim: L.
     :param int num_components: K, the number of pseudo-inputs (``vamp:K``). Default 50: every evaluation of
-        the prior encodes all K pseudo-inputs, so the default stays small; the paper's experiments use hundreds.
+        the prior encodes all K pseudo-inputs and scores every z under all K, so the cost per step grows with K.
     """
 
     name = "vamp"
