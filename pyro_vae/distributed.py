@@ -151,7 +151,7 @@ def wrap(vae: VAE, ctx: DistributedContext) -> VAE:
     DDP broadcasts rank 0's parameters at construction, so every replica starts from the same weights.
     """
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    for name in ("encoder", "decoder", "family", "likelihood"):
+    for name in ("prior", "encoder", "decoder", "family", "likelihood"):  # a learned prior is trained too
         module = getattr(vae, name)
         if any(p.requires_grad for p in module.parameters()):
             vae.route(**{name: DistributedDataParallel(module, device_ids=device_ids)})
@@ -219,7 +219,7 @@ def any_rank(flag: bool) -> bool:
 
 def unwrap(vae: VAE) -> VAE:
     """Remove the routes set by :func:`wrap`."""
-    vae.route(encoder=None, decoder=None, family=None, likelihood=None)
+    vae.route(prior=None, encoder=None, decoder=None, family=None, likelihood=None)
     return vae
 
 

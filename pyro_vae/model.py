@@ -57,7 +57,7 @@ __all__ = ["VAE", "StandardNormal", "posterior_mean"]  # StandardNormal lives in
 # Which submodules' parameters each Pyro program announces: the model owns the prior, the decoder and the likelihood,
 # the guide the encoder and the family.
 _PARAM_GROUPS = {"model": ("prior", "decoder", "likelihood"), "guide": ("encoder", "family")}
-_ROUTABLE = ("encoder", "decoder", "family", "likelihood")
+_ROUTABLE = ("prior", "encoder", "decoder", "family", "likelihood")
 
 
 class VAE(nn.Module):

@@ -42,6 +42,7 @@ from pyro_vae.data import (
     check_dataset,
     check_likelihood_data,
     data_record,
+    derive_seed,
 )
 from pyro_vae.distributed import combine_mean_se, ddp, noise_seed, resolve_device, session, sum_over_ranks
 from pyro_vae.errors import ConfigError, NonFiniteLossError
@@ -200,14 +201,14 @@ class _Loop:
         self.records: list[EpochRecord] = []
         self.position = Progress()
         self.stop_reason: str | None = None
-        self.metrics_offset = 0
-        self.last_checkpoint: Path | None = None
+        self.metrics_offset, self.last_checkpoint = 0, None  # metrics.jsonl bytes the state matches; a Path or None
         self.callback_states: dict = {}
         self.total_steps = min(tc.epochs * self.n_batches, tc.max_steps or math.inf)
         self._began = time.perf_counter()
         if self.resumed is not None:
-            self._restore(force)
-        else:
+            self._restore(force)  # with the prior's parameters (a VampPrior's pseudo-inputs) from the checkpoint
+        else:  # a new run: the prior starts from the run's seed (a VampPrior from training images, chosen by it)
+            vae.prior.initialise(data.x_train, torch.Generator().manual_seed(derive_seed("prior", tc.seed)))
             pyro.set_rng_seed(tc.seed if ctx is None else noise_seed(tc.seed, self.rank))
 
     # -- position --------------------------------------------------------------------------------------------------

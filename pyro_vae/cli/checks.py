@@ -21,9 +21,11 @@ def check_before_load(config: RunConfig, *, device: bool = True) -> str | None:
         own device, so the command passes ``False`` there.
     """
     from pyro_vae.data import check_batch_size
+    from pyro_vae.priors import make_prior
     from pyro_vae.schedules import make_schedule
 
     make_schedule(config.train.kl_schedule)  # its values (linear:0, ...) are refused here, before any data load
+    make_prior(config.model.prior, config.model.latent_dim)  # likewise the prior's K (mog:0, vamp:x, standard:3)
     hint = binarization_hint(config.model.likelihood, config.data.binarize)
     if config.data.n_train is not None:
         # --n-train caps the training set: a batch above the cap is refused now (a smaller file still is, on load)

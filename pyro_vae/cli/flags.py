@@ -44,7 +44,7 @@ GUIDE_CHOICES = (
 #: Registered likelihoods (checked against :func:`pyro_vae.likelihoods.likelihood_names` by a test).
 LIKELIHOOD_CHOICES = ("bernoulli", "beta", "continuous_bernoulli", "discretized_logistic", "gaussian")
 #: Registered priors (checked against :func:`pyro_vae.priors.prior_names` by a test).
-PRIOR_CHOICES = ("standard",)
+PRIOR_CHOICES = ("flow", "mog", "standard", "vamp")
 #: Registered networks (checked against :func:`pyro_vae.networks.network_names` by a test).
 NETWORK_CHOICES = ("conv", "mlp")
 #: Registered objectives (checked against :func:`pyro_vae.objectives.objective_names` by a test).

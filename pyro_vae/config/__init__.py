@@ -22,12 +22,19 @@ from typing import Any
 
 from pyro_vae.config.checks import INT64_MAX, check_field, check_fields, check_float, check_int, option
 from pyro_vae.config.data_kinds import LIKELIHOOD_SUPPORT, check_admits, known_data_kind
-from pyro_vae.config.specs import ObjectiveSpec, ScheduleSpec, parse_objective_spec, parse_schedule_spec
+from pyro_vae.config.specs import (
+    ObjectiveSpec,
+    ScheduleSpec,
+    parse_component_spec,
+    parse_objective_spec,
+    parse_schedule_spec,
+)
 from pyro_vae.errors import ConfigError
 
 __all__ = [
     "ACTIVATIONS",
     "BINARIZATIONS",
+    "CLOSED_FORM_KL_PRIORS",
     "DATASETS",
     "DEFAULT_FASHION_MNIST_DIR",
     "DEVICES",
@@ -58,6 +65,10 @@ DIST_BACKENDS = ("auto", "gloo", "nccl")
 #: What training does on a non-finite loss or gradient (see :class:`pyro_vae.optim.SingleOptimizer`).
 NONFINITE_POLICIES = ("raise", "skip")
 ACTIVATIONS = ("silu", "relu", "gelu", "tanh", "softplus")
+#: The priors with a closed-form KL against Gaussian guides, the only ones the ``meanfield`` objective and the
+#: ``free_bits`` KL schedule take (those whose class says ``standard_normal``; a test checks this against
+#: :mod:`pyro_vae.priors`, which config may not import).
+CLOSED_FORM_KL_PRIORS = ("standard",)
 
 #: Default directory of Debian's ``dataset-fashion-mnist`` package.
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -232,6 +243,18 @@ class RunConfig:
         support = LIKELIHOOD_SUPPORT.get(self.model.likelihood.partition(":")[0])
         if kind is not None and support is not None:
             check_admits(self.model.likelihood, support, kind, self.data.dataset, error=ConfigError)
+        if parse_component_spec(self.model.prior, "prior").name not in CLOSED_FORM_KL_PRIORS:
+            standard = " or ".join(CLOSED_FORM_KL_PRIORS)
+            if parse_objective_spec(self.train.objective).name == "meanfield":
+                raise ConfigError(
+                    f"the meanfield objective needs a closed-form KL(q || p), which prior {self.model.prior!r} does "
+                    f"not have; use --objective trace (or iwae:K), or --prior {standard}"
+                )
+            if self.train.kl_schedule is not None and parse_schedule_spec(self.train.kl_schedule).name == "free_bits":
+                raise ConfigError(
+                    f"the free_bits KL schedule needs the KL of each latent dimension, which prior "
+                    f"{self.model.prior!r} does not factorise into; use another --kl-schedule, or --prior {standard}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready nested dict."""

@@ -1,21 +1,11 @@
-"""Priors p(z): a registry shaped like the guide families'.
-
-``make_prior("standard", latent_dim=16)`` builds a prior by name; a ``"name:K"`` spec sets the prior's size option
-(``mog:10`` components, ``vamp:50`` pseudo-inputs, ``flow:4`` steps). A prior is an :class:`torch.nn.Module`: its
-parameters are the model's parameters, so the optimiser, checkpoints and resume see them. New priors register with
-:func:`register`::
-
-    @register
-    class MyPrior(Prior):
-        name = "my_prior"
-        def forward(self, batch_size, like):
-            ...  # a distribution with batch_shape (batch_size,) and event_shape (L,)
-"""
+"""The prior seam: the :class:`Prior` base class, the registry (:func:`register`, :func:`make_prior`,
+:func:`prior_names`) and the default N(0, I) with its :class:`StandardNormal` fast path."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import pyro.distributions as dist
@@ -26,10 +16,24 @@ from torch import nn
 from pyro_vae.config.specs import parse_component_spec, spec_int
 from pyro_vae.errors import ConfigError, unknown_choice
 
-__all__ = ["Prior", "StandardNormal", "StandardPrior", "make_prior", "prior_names", "register"]
+__all__ = [
+    "INIT_SEED",
+    "Prior",
+    "StandardNormal",
+    "StandardPrior",
+    "make_prior",
+    "prior_names",
+    "private_rng",
+    "register",
+    "seed_from",
+]
 
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))  # the very constant torch's Normal.log_prob subtracts
 _REGISTRY: dict[str, type[Prior]] = {}
+#: Seed of the private generator that learned priors draw their initial parameters from at construction. The global
+#: RNG is left alone, so the networks a VAE builds after its prior get the same initial weights whatever the prior
+#: (``compare --vary prior=...`` shares them); :meth:`Prior.initialise` re-draws from the run's seed before training.
+INIT_SEED = 0
 
 
 def register(cls: type[Prior]) -> type[Prior]:
@@ -73,8 +77,11 @@ class Prior(nn.Module):
         encoder (the VampPrior) keep ``encode``; the others ignore it."""
 
     def initialise(self, x: torch.Tensor, generator: torch.Generator) -> None:
-        """Called once before training with the training images ``(N, D)``; priors with data-dependent
-        initialisation (the VampPrior's pseudo-inputs) use it, the others ignore it."""
+        """Start the prior's parameters for a new run: :func:`~pyro_vae.train.fit` calls it once per new run (not on
+        resume, where the checkpoint holds them) with the training images ``(N, D)`` and a CPU generator seeded from
+        the run's seed. The VampPrior takes its pseudo-inputs from the images; the other learned priors re-draw their
+        initial parameters from ``generator``; the standard prior has none. It is called again by a second ``fit``
+        of the same VAE without ``resume``, which therefore starts the prior afresh."""
 
     def sample_codes(self, n: int, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` codes z ~ p(z), ``(n, L)``, without gradients. With a ``generator`` the draw depends only on it: the
@@ -82,11 +89,24 @@ class Prior(nn.Module):
         with torch.no_grad():
             if generator is None:
                 return self(n, like).sample()
-            seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
             devices = [like.device] if like.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
+                torch.manual_seed(seed_from(generator))
                 return self(n, like).sample()
+
+
+def seed_from(generator: torch.Generator) -> int:
+    """One seed in ``[0, 2**62)`` drawn from ``generator`` (which advances)."""
+    return int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+
+
+@contextlib.contextmanager
+def private_rng(seed: int) -> Iterator[None]:
+    """Run the block on the CPU random stream seeded with ``seed``, and give the global stream back untouched: for
+    initial parameters built on the CPU (a :class:`Prior` is built before the VAE moves to its device)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 class StandardNormal(dist.Normal):
