@@ -46,7 +46,7 @@ from torch import nn
 
 from pyro_vae._compat import announce_param, tag_module_param
 from pyro_vae.config import ModelConfig, check_int
-from pyro_vae.errors import unknown_choice
+from pyro_vae.errors import ConfigError, unknown_choice
 from pyro_vae.guides import GuideFamily, make_family
 from pyro_vae.likelihoods import Likelihood, make_likelihood
 from pyro_vae.networks import make_networks
@@ -163,6 +163,21 @@ class VAE(nn.Module):
             image_shape=image_shape,
             conv_channels=config.conv_channels,
         )
+
+    def check_data_shape(self, input_dim: int, image_shape: Sequence[int] | None) -> None:
+        """Refuse data this VAE was not built for: another number of values per image, or (for a VAE built for
+        images) the same number in another shape, where training would silently scramble the pixels.
+
+        :raises ConfigError: one line naming both shapes and how to build a VAE that fits.
+        """
+        fix = "build the VAE with VAE.from_config(config.model, data.input_dim, data.image_shape)"
+        if input_dim != self.input_dim:
+            raise ConfigError(f"the data have {input_dim} values per image but the VAE expects {self.input_dim}; {fix}")
+        shape = None if image_shape is None else tuple(image_shape)
+        if self.image_shape is not None and shape is not None and self.image_shape != shape:
+            raise ConfigError(
+                f"the data are images of shape {shape} but the VAE was built for {self.image_shape}; {fix}"
+            )
 
     # ----------------------------------------------------------------------------------------------------------
     # Pyro programs

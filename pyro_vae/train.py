@@ -414,13 +414,7 @@ def _check_inputs(vae: VAE, data: Dataset, config: RunConfig, callbacks: Sequenc
     check_dataset(data)
     if sum(isinstance(cb, EarlyStopping) for cb in callbacks) + (config.train.early_stop is not None) > 1:
         raise ConfigError("early stopping is given twice; set train.early_stop or pass one EarlyStopping callback")
-    if data.input_dim != vae.input_dim:
-        raise ConfigError(f"the data have {data.input_dim} values per image but the VAE expects {vae.input_dim}")
-    if vae.image_shape is not None and data.image_shape is not None and vae.image_shape != tuple(data.image_shape):
-        raise ConfigError(
-            f"the data are images of shape {tuple(data.image_shape)} but the VAE was built for {vae.image_shape}; "
-            "build it with VAE.from_config(config.model, data.input_dim, data.image_shape)"
-        )
+    vae.check_data_shape(data.input_dim, data.image_shape)
     check_batch_size(data.x_train.shape[0], config.train.batch_size)
     check_likelihood_data(data, config.data.binarize, vae.likelihood)
 
