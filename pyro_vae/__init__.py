@@ -26,6 +26,15 @@ _EXPORTS = {
     "family_names": "pyro_vae.guides",
     "register_family": "pyro_vae.guides",
     "make_likelihood": "pyro_vae.likelihoods",
+    "likelihood_names": "pyro_vae.likelihoods",
+    "Likelihood": "pyro_vae.likelihoods",
+    "Prior": "pyro_vae.priors",
+    "make_prior": "pyro_vae.priors",
+    "prior_names": "pyro_vae.priors",
+    "register_prior": "pyro_vae.priors",
+    "make_networks": "pyro_vae.networks",
+    "network_names": "pyro_vae.networks",
+    "register_network": "pyro_vae.networks",
     "VAE": "pyro_vae.model",
     "AmortizedGuide": "pyro_vae.autoguide",
     "LinearGaussianVAE": "pyro_vae.linear_gaussian",
@@ -46,9 +55,18 @@ _EXPORTS = {
     "Run": "pyro_vae.run_dir",
     "load_run": "pyro_vae.run_dir",
 }
-_ALIASES = {"register_family": "register"}
+_ALIASES = {"register_family": "register", "register_prior": "register"}
 
 __all__ = [
+    "register_network",
+    "network_names",
+    "make_networks",
+    "register_prior",
+    "prior_names",
+    "make_prior",
+    "likelihood_names",
+    "Prior",
+    "Likelihood",
     "AmortizedGuide",
     "CheckpointError",
     "ConfigError",
@@ -110,11 +128,14 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real names
     from pyro_vae.gaps import inference_gaps
     from pyro_vae.guides import GuideFamily, family_names, make_family
     from pyro_vae.guides import register as register_family
-    from pyro_vae.likelihoods import make_likelihood
+    from pyro_vae.likelihoods import Likelihood, likelihood_names, make_likelihood
     from pyro_vae.linear_gaussian import LinearGaussianVAE
     from pyro_vae.model import VAE
+    from pyro_vae.networks import make_networks, network_names, register_network
     from pyro_vae.objectives import make_objective
     from pyro_vae.optim import SingleOptimizer, adamw
+    from pyro_vae.priors import Prior, make_prior, prior_names
+    from pyro_vae.priors import register as register_prior
     from pyro_vae.run_dir import Run, RunDir, load_run
     from pyro_vae.schedules import make_schedule
     from pyro_vae.train import FitResult, fit
