@@ -53,7 +53,7 @@ QUICK = (("prior", "vamp:50"), ("likelihood", "discretized_logistic"), ("network
 #: Fashion-MNIST's training images: the epoch of the derived s/epoch rows.
 EPOCH_IMAGES = 60_000
 
-HEADER = "| option | value | batch | a ms (IQR) | seed a ms | a / seed (paired) | weights | weights / seed |"
+HEADER = "| option | value | data | a ms (IQR) | seed a ms | a / seed (paired) | weights | weights / seed |"
 
 
 class ComponentRow(NamedTuple):
@@ -97,7 +97,12 @@ def build_vae(options: dict[str, str], x: torch.Tensor, image_shape: Sequence[in
 
 
 def race_row(
-    option: str, value: str, x: torch.Tensor, image_shape: Sequence[int], make_step: Callable, schedule: tuple
+    option: str,
+    value: str,
+    x: torch.Tensor,
+    image_shape: Sequence[int],
+    make_step: Callable,
+    schedule: tuple[int, int, int],
 ) -> ComponentRow:
     """Race the seed configuration against the one with ``option=value`` (``schedule``: rounds, chunk, warm-up)."""
     rounds, chunk, warmup = schedule
@@ -126,7 +131,11 @@ def load_line(threads: int, start: float | None, end: float | None) -> str:
 
 
 def components(
-    x: torch.Tensor, image_shape: Sequence[int], schedule: tuple, make_step: Callable, quick: bool = False
+    x: torch.Tensor,
+    image_shape: Sequence[int],
+    schedule: tuple[int, int, int],
+    make_step: Callable,
+    quick: bool = False,
 ) -> None:
     """Print the component table and the derived s/epoch of conv against mlp (see the module docstring).
 
