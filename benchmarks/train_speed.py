@@ -27,9 +27,15 @@ step count ``compile_time / (t_a - t_e)`` after which compiling has paid for its
 peak memory: on CUDA ``torch.cuda.max_memory_allocated`` per contender, on CPU the peak RSS of fresh processes
 (``fit`` with and without ``compile``).
 
+A component table (``benchmarks/_components.py``) races ``a`` with one prior (``standard``, ``mog:10``, ``vamp:50``,
+``flow:4``), likelihood (``bernoulli``, ``continuous_bernoulli``, ``gaussian``, ``gaussian:learned``, ``beta``,
+``discretized_logistic``) or network (``mlp``, ``conv``) changed against ``a`` with the seed configuration, gives
+their paired ratio, the threads and the machine's load at its start and end (flagged when above the CPU count), and
+a derived s/epoch of ``conv`` against ``mlp`` (``--quick``: only ``vamp:50``, ``discretized_logistic`` and ``conv``).
+
 Run ``python benchmarks/train_speed.py`` for the full table, ``--quick`` for a smoke run; ``--device cuda``,
-``--batch-sizes 128,1024`` and ``--contenders abde`` choose the rows, ``--table-only`` leaves out the family table,
-the peak RSS and the ``--help`` time.
+``--batch-sizes 128,1024`` and ``--contenders abde`` choose the rows, ``--table-only`` leaves out the family and
+component tables, the peak RSS and the ``--help`` time; ``--families-only`` and ``--components-only`` run one table.
 """
 
 from __future__ import annotations
@@ -49,10 +55,14 @@ import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_vae.config import DataConfig, TrainConfig
-from pyro_vae.data import EpochBatches, load_dataset
+from pyro_vae.data import load_dataset
 from pyro_vae.guides.gaussian import MVNDiag
 from pyro_vae.model import VAE
 from pyro_vae.step import TrainStep
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers next to this script, however it is run
+from _components import components  # noqa: E402
+from _race import Contender, batch_pool, paired, race, rng_states, summary  # noqa: E402
 
 LR = 1e-3
 
@@ -63,43 +73,6 @@ class LiteralMVNDiag(MVNDiag):
     def forward(self, raw):
         loc, scale = self.split(raw)
         return pyro.distributions.MultivariateNormal(loc, scale_tril=torch.diag_embed(scale))
-
-
-def rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The CPU generator's state and, on CUDA, the device generator's (the model's noise is drawn there)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-class Contender:
-    """One way of taking a training step; owns its model, optimiser, RNG stream and (on CUDA) peak memory.
-
-    Every contender's step returns a Python float, so each timed step ends with a host sync on CUDA as on CPU.
-    """
-
-    def __init__(self, name: str, vae: VAE, step, device: torch.device, rng: tuple):
-        self.name, self.vae, self._step, self.device = name, vae, step, device
-        self.rng = tuple(None if state is None else state.clone() for state in rng)
-        self.times: list[list[float]] = []
-        self.losses: list[float] = []
-        self.peak_bytes = 0
-
-    def run(self, batches) -> float:
-        """Run ``batches`` and record their per-step times; returns the chunk's total seconds."""
-        torch.set_rng_state(self.rng[0])
-        if self.rng[1] is not None:
-            torch.cuda.set_rng_state(self.rng[1], self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        chunk = []
-        for x, index in batches:
-            start = time.perf_counter()
-            loss = self._step(x, index)
-            chunk.append(time.perf_counter() - start)
-            self.losses.append(loss)
-        if self.rng[1] is not None:
-            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
-        self.rng = rng_states(self.device)
-        self.times.append(chunk)
-        return sum(chunk)
 
 
 class LiteralPriorVAE(VAE):
@@ -184,12 +157,7 @@ def run_setting(x_train, batch, latent, guide, contenders, rounds, chunk, warmup
     n, device = x_train.shape[0], x_train.device
     if "e" in contenders:
         warmup = max(warmup, 3)  # e: step 1 eager and validated, step 2 traces and compiles, 3 on CUDA records
-    batches = EpochBatches(x_train, batch_size=batch, seed=0, binarize="dynamic")
-    pool = []
-    for epoch in range(10**6):
-        pool += [(b.x, b.index) for b in batches.batches(epoch) if b.x.shape[0] == batch]  # e compiles one shape
-        if len(pool) >= (rounds * chunk + warmup):
-            break
+    pool = batch_pool(x_train, batch, rounds * chunk + warmup, "dynamic")
     reference = build(latent, "mvn_diag", x_train.shape[1], device=device)
     rng = rng_states(device)
     racers = []
@@ -199,27 +167,10 @@ def run_setting(x_train, batch, latent, guide, contenders, rounds, chunk, warmup
         if guide == "mvn_diag":
             vae.load_state_dict(reference.state_dict())
         racers.append(Contender(name, vae, MAKERS[name](vae, n), device, rng))
-    warm = {racer.name: racer.run(pool[:warmup]) for racer in racers}
-    for racer in racers:
-        racer.times.clear()
-    for r in range(rounds):
-        order = racers[r % len(racers) :] + racers[: r % len(racers)]
-        for racer in order:
-            racer.run(pool[warmup + r * chunk : warmup + (r + 1) * chunk])
+    warm = race(racers, dict.fromkeys(contenders, pool), rounds, chunk, warmup)
     params = sum(p.numel() for p in reference.parameters())
     compile_s = warm["e"] - warm["a"] if "a" in warm and "e" in warm else None
     return {"racers": {c.name: c for c in racers}, "params": params, "compile_s": compile_s}
-
-
-def summary(racer: Contender) -> tuple[float, float, float]:
-    flat = sorted(t for chunk in racer.times for t in chunk)
-    q = statistics.quantiles(flat, n=4)
-    return statistics.median(flat), q[0], q[2]
-
-
-def paired(num: Contender, den: Contender) -> float:
-    ratios = [statistics.median(a) / statistics.median(b) for a, b in zip(num.times, den.times, strict=True)]
-    return statistics.median(ratios)
 
 
 _PEAK = "status_mib('VmHWM')"  # pyro_vae._memory: the one way the package reads peak memory
@@ -289,8 +240,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes at L=16 (default: the table)")
     parser.add_argument("--contenders", default="abcde", help="which of a-e race (default abcde; a is required)")
-    parser.add_argument("--table-only", action="store_true", help="leave out the families, peak RSS and --help time")
+    parser.add_argument(
+        "--table-only", action="store_true", help="leave out the families, components, peak RSS and --help time"
+    )
     parser.add_argument("--families-only", action="store_true", help="only the table of every family (a, b and e)")
+    parser.add_argument(
+        "--components-only",
+        action="store_true",
+        help="only the table of every prior, likelihood and network (a against a with the seed configuration)",
+    )
     args = parser.parse_args(argv)
     if "a" not in args.contenders or set(args.contenders) - set(MAKERS):
         parser.error(f"--contenders must name a and any of {''.join(MAKERS)}, got {args.contenders!r}")
@@ -345,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.families_only:
         families(x, rounds, chunk, warmup, args.quick)
         return 0
+    if args.components_only:
+        components(x, data.image_shape, (rounds, chunk, warmup), MAKERS["a"], args.quick)
+        return 0
     who = args.contenders
     if args.batch_sizes:
         settings = [(int(b), 16, "mvn_diag", who) for b in args.batch_sizes.split(",")]
@@ -368,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table_only:
         return 0
     extras(x, rounds, chunk, warmup, args.quick)
+    components(x, data.image_shape, (rounds, chunk, warmup), MAKERS["a"], args.quick)
     return 0
 
 
