@@ -260,7 +260,8 @@ class VAE(nn.Module):
         The wrappers are not submodules: ``state_dict`` and ``parameters()`` are unchanged, so checkpoints stay
         the same with and without them. Pass ``name=None`` to remove a route.
 
-        :raises ConfigError: for a name that is not one of ``encoder``, ``decoder``, ``family``, ``likelihood``.
+        :raises ConfigError: for a name that is not one of ``prior``, ``encoder``, ``decoder``, ``family``,
+            ``likelihood``.
         """
         for name in wrappers:
             if name not in _ROUTABLE:
