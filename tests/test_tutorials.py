@@ -29,6 +29,7 @@ TUTORIALS = [
     "02_swapping_guides.ipynb",
     "03_likelihoods_and_gaps.ipynb",
     "04_training_scripts.ipynb",
+    "05_priors_likelihoods_networks.ipynb",
     "07_your_own_model.ipynb",
 ]
 
