@@ -9,7 +9,7 @@ trains each candidate setting with several seeds and prints, per candidate:
   test images, from :func:`pyro_vae.evaluation.evaluate`, which traces ``vae.model`` and ``vae.guide`` themselves and
   therefore never sees a KL schedule: the reported ELBO is always the unweighted one);
 * active units (Burda et al. 2016, :data:`pyro_vae.evaluation.ACTIVE_UNIT_THRESHOLD`): mean and min over seeds;
-* the test KL (nats per image, mean over seeds);
+* the test KL (nats per image, mean over seeds), and each seed's ELBO and active units (seed 0, 1, ...);
 * the training steps, and seconds per run (training and evaluation; wall time, so under load it is indicative only).
 
 Every candidate keeps the quickstart's budget of epochs × images unless its name says otherwise (``epochs 40``
@@ -149,11 +149,11 @@ def table(records: list[RunRecord], candidates, latent_dim: int) -> list[str]:
     """The Markdown table, one row per candidate with at least one finished run, in the order of ``candidates``."""
     lines = [
         "| candidate | seeds | steps | test ELBO (mean ± SE over seeds) | active units of "
-        f"{latent_dim} (mean, min) | KL (nats) | s/run (under load, indicative only) |",
-        "|---|---|---|---|---|---|---|",
+        f"{latent_dim} (mean, min) | KL (nats) | per seed: ELBO (active) | s/run (under load, indicative only) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for candidate in candidates:
-        rows = [r for r in records if r.candidate == candidate.name]
+        rows = sorted((r for r in records if r.candidate == candidate.name), key=lambda r: r.seed)
         if not rows:
             continue
         elbos = [r.test_elbo for r in rows]
@@ -162,6 +162,7 @@ def table(records: list[RunRecord], candidates, latent_dim: int) -> list[str]:
         lines.append(
             f"| {candidate.name} | {len(rows)} | {rows[0].steps} | {elbo} | {statistics.mean(active):.1f}, "
             f"{min(active)} | {statistics.mean(r.kl for r in rows):.1f} | "
+            f"{', '.join(f'{r.test_elbo:.1f} ({r.active_units})' for r in rows)} | "
             f"{statistics.mean(r.seconds for r in rows):.0f} |"
         )
     return lines
