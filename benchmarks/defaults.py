@@ -59,7 +59,7 @@ class Candidate(NamedTuple):
 
 
 #: The old quickstart defaults (lr 1e-3, batch 128, 20 epochs, plain ELBO) come first. At batch 128 an epoch of the
-#: 10 000 embedded images is 79 steps, so 20 epochs are 1 580 steps; batch 64 is 3 160 steps and batch 256 is 800.
+#: 10 000 embedded images is 79 steps, so 20 epochs are 1 580 steps; batch 64 is 3 140 steps and batch 256 is 800.
 CANDIDATES = (
     Candidate("old defaults"),
     Candidate("warm-up linear:500", kl_schedule="linear:500"),

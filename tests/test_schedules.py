@@ -10,6 +10,7 @@ import torch
 from reference_linear_gaussian import make_model, set_diagonal_encoder
 
 from pyro_vae import cli
+from pyro_vae.cli.flags import config_from_args
 from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import ConfigError
@@ -214,4 +215,6 @@ def test_default_warm_up_ends_at_weight_one_within_the_quickstart():
 def test_none_spells_the_plain_elbo_in_configs_and_flags():
     assert TrainConfig(kl_schedule="none").kl_schedule is None
     assert RunConfig.from_dict({"train": {"kl_schedule": "none"}}).train.kl_schedule is None
-    assert cli.build_parser().parse_args(["train", "--kl-schedule", "none"]).kl_schedule is None
+    args = cli.build_parser().parse_args(["train", "--kl-schedule", "none"])
+    assert config_from_args(args).train.kl_schedule is None  # a given flag, not the default
+    assert config_from_args(cli.build_parser().parse_args(["train"])).train.kl_schedule == "linear:1000"
