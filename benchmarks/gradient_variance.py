@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     config = RunConfig(
         data=DataConfig(n_train=1280 if args.quick else None),
         model=model,
-        train=TrainConfig(epochs=1000, max_steps=steps, progress=False, seed=0),
+        train=TrainConfig(epochs=1000, max_steps=steps, progress=False, seed=0, kl_schedule=None),
     )
     data = load_dataset(config.data)
     torch.manual_seed(0)

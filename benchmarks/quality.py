@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_steps=max_steps,
                         objective=args.objective,
                         compile=name == "e",
+                        kl_schedule=None,  # the plain ELBO, as (b) trains
                     ),
                 )
                 fit(vae, data, config)

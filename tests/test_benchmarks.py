@@ -13,6 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # Listed by hand so that a new script is added on purpose; test_every_benchmark_is_listed keeps the list complete.
 SCRIPTS = [
     "compile_speed.py",
+    "defaults.py",
     "distributed_speed.py",
     "eval_speed.py",
     "gradient_variance.py",

@@ -237,7 +237,7 @@ def step_batches(steps, n=N, batch=B):
 def train_step_losses(compile, batches, device="cpu"):
     vae = tiny_vae().to(device)
     pyro.set_rng_seed(0)
-    step = TrainStep(vae, TrainConfig(lr=1e-2, compile=compile), num_data=N)
+    step = TrainStep(vae, TrainConfig(lr=1e-2, kl_schedule=None, compile=compile), num_data=N)
     losses = [step.step(x.to(device), index.to(device)) for x, index in batches]
     return losses, vae, step
 
@@ -317,7 +317,8 @@ def restore_threads():
 
 
 def fit_config(compile, **train):
-    train = {"epochs": 2, "batch_size": FIT_B, "progress": False, "threads": 1, "compile": compile, **train}
+    base = {"epochs": 2, "batch_size": FIT_B, "progress": False, "threads": 1, "compile": compile}
+    train = {**base, "kl_schedule": None, **train}  # the plain ELBO: a KL schedule keeps the step eager
     return RunConfig(model=FIT_MODEL, train=TrainConfig(**train))
 
 
@@ -418,7 +419,7 @@ def test_compiled_fit_guard_stops_and_skips(fit_data, tmp_path):
 def test_cli_train_compile(tmp_path, caplog):
     """``pyro-vae train --compile`` trains and checkpoints with the compiled step, then resumes without it."""
     tiny = ["--n-train", str(FIT_N), "--n-test", str(FIT_TEST), "--batch-size", str(FIT_B), "--latent-dim", "2"]
-    tiny += ["--hidden-dims", "32,16", "--no-progress", "--no-figures", "--threads", "1"]
+    tiny += ["--hidden-dims", "32,16", "--no-progress", "--no-figures", "--threads", "1", "--kl-schedule", "none"]
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="pyro_vae.compile"):
         assert cli.main(["train", *tiny, "--epochs", "1", "--compile", "--out", str(out)]) == 0

@@ -10,6 +10,7 @@ import torch
 from reference_linear_gaussian import make_model, set_diagonal_encoder
 
 from pyro_vae import cli
+from pyro_vae.cli.flags import config_from_args
 from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import ConfigError
@@ -194,3 +195,26 @@ def test_cli_flags_reach_the_config(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["train", "--kl-schedule", "linaer:100"])
     assert exit_info.value.code == 2 and "did you mean 'linear'" in capsys.readouterr().err
+
+
+def test_default_warm_up_ends_at_weight_one_within_the_quickstart():
+    """The default KL schedule is a warm-up that reaches weight 1 before the quickstart's last step, so the default
+    run ends on the plain ELBO: 20 epochs of ceil(10 000 / 128) = 79 steps on the embedded data are 1 580 steps."""
+    train, data = TrainConfig(), load_dataset(DataConfig(n_test=1))
+    steps = train.epochs * -(-data.x_train.shape[0] // train.batch_size)  # ceil division
+    assert steps == 1580
+    schedule = make_schedule(train.kl_schedule)
+    assert isinstance(schedule, LinearWarmup)
+    betas = []  # the weight each step trains with
+    for _ in range(steps):
+        betas.append(schedule.beta())
+        schedule.step()
+    assert betas[0] == 0.0 and betas.index(1.0) == 1000 and betas[-1] == 1.0
+
+
+def test_none_spells_the_plain_elbo_in_configs_and_flags():
+    assert TrainConfig(kl_schedule="none").kl_schedule is None
+    assert RunConfig.from_dict({"train": {"kl_schedule": "none"}}).train.kl_schedule is None
+    args = cli.build_parser().parse_args(["train", "--kl-schedule", "none"])
+    assert config_from_args(args).train.kl_schedule is None  # a given flag, not the default
+    assert config_from_args(cli.build_parser().parse_args(["train"])).train.kl_schedule == "linear:1000"

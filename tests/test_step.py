@@ -74,7 +74,9 @@ def test_losses_and_parameters_equal_the_old_loop_bit_for_bit(tc):
     for a, b in zip(old.parameters(), new.parameters(), strict=True):
         assert torch.equal(a, b)
     assert step.steps == 20 and step.skipped == 0 and math.isfinite(step.grad_norm)
-    assert step.kl_weight == (None if tc.kl_schedule is None else 1.0)  # linear:10 is done after 20 steps
+    # linear:S after 20 steps: min(1, 20 / S) (the default warm-up is linear:1000)
+    weight = None if tc.kl_schedule is None else min(1.0, 20 / float(tc.kl_schedule.split(":")[1]))
+    assert step.kl_weight == weight
 
 
 def test_without_num_data_the_loss_is_per_image_of_the_minibatch():
@@ -82,7 +84,7 @@ def test_without_num_data_the_loss_is_per_image_of_the_minibatch():
     ((x, _),) = minibatches(1)
     a, b = make(), make()
     pyro.set_rng_seed(0)
-    loss = TrainStep(a, TrainConfig(lr=1e-2)).step(x)
+    loss = TrainStep(a, TrainConfig(lr=1e-2, kl_schedule=None)).step(x)
     pyro.set_rng_seed(0)
     svi = GuardedSVI(b.model, b.guide, adamw(1e-2), make_objective("trace", 1))
     assert loss == svi.step(x) / B

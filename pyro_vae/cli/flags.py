@@ -154,7 +154,7 @@ def field_type(klass: type, name: str) -> Callable[[str], Any]:
             check_registry(f, value)
         except ConfigError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
-        return value
+        return text if value is None else value  # "none" (--kl-schedule none) stays given; the config makes it None
 
     parse.__name__ = name
     return parse

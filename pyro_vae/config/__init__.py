@@ -158,11 +158,11 @@ class ModelConfig:
 class TrainConfig:
     """The optimisation. ``objective``: ``trace``, ``meanfield`` (analytic KL where Pyro has one) or ``iwae``;
     ``name:k`` sets k particles, ``iwae:k:estimator`` the estimator (``reparam``, ``stl``, ``dreg``); see
-    :func:`pyro_vae.objectives.make_objective`. ``kl_schedule``: the KL weight over training (``"linear:10000"``,
-    ``"cyclical:5000:0.5"``, ``"constant:0.5"``, ``"free_bits:0.25"``; ``None``: the plain ELBO), see
-    :func:`pyro_vae.schedules.make_schedule`. Under torchrun ``batch_size`` is per process. ``keep_last``: checkpoints
-    kept, newest first; the default 2 keeps a good file even if the newest is damaged. ``early_stop``: stop after that
-    many epochs whose test ELBO does not beat the best by more than ``early_stop_min_delta`` nats.
+    :func:`pyro_vae.objectives.make_objective`. ``kl_schedule``: :func:`pyro_vae.schedules.make_schedule` (``None``,
+    ``"none"``: the plain ELBO); the default warm-up ends at weight 1 after 1 000 of the quickstart's 1 580 steps
+    (benchmarks/README.md, "Defaults"). Under torchrun ``batch_size`` is per process. ``keep_last``: checkpoints kept,
+    newest first; 2 keeps a good file if the newest is damaged. ``early_stop``: stop after that many epochs whose test
+    ELBO does not beat the best by more than ``early_stop_min_delta`` nats.
     """
 
     epochs: int = option(20, "passes over the training data", low=1, resume="free")
@@ -181,8 +181,8 @@ class TrainConfig:
         1, "samples of z per image per step", flag="--particles", low=1, high=4096, why="all are held in memory"
     )
     kl_schedule: str | None = option(
-        None,
-        "KL weight over training: constant:BETA, linear:STEPS, cyclical:PERIOD[:RATIO], free_bits:NATS",
+        "linear:1000",
+        "KL weight over training: linear:STEPS (warm-up), constant:BETA, cyclical:PERIOD[:RATIO], free_bits:NATS, none",
         choices="kl_schedules",
         what="KL schedule",
         spec=True,

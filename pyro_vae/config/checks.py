@@ -94,7 +94,7 @@ def check_field(cls: type, name: str, value: Any) -> Any:
     """
     spec = {f.name: f for f in dataclasses.fields(cls)}[name].metadata
     base, allow_none = _kind(_hints(cls)[name])
-    if value is None:
+    if value is None or (value == "none" and allow_none and spec.get("spec")):  # "none": --kl-schedule none
         if allow_none:
             return None
         words = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
