@@ -41,6 +41,8 @@ References
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pyro.distributions as dist
@@ -97,10 +99,36 @@ class KLSchedule:
 
     def __init__(self):
         self.steps = 0
+        self._weight_input: torch.Tensor | None = None
 
     def beta(self) -> float:
         """β at the current step."""
         raise NotImplementedError
+
+    @property
+    def scalar_weight(self) -> bool:
+        """Whether the schedule's whole effect is the number :meth:`beta` on the latent site's scale (it does not
+        override :meth:`process`), so that a compiled step can take β as an input of its graph
+        (:meth:`weight_input`). ``False`` for :class:`FreeBits`, whose weights depend on the minibatch."""
+        return type(self).process is KLSchedule.process
+
+    @contextlib.contextmanager
+    def weight_input(self, weight: torch.Tensor) -> Iterator[None]:
+        """Inside this context :meth:`process` weights the latent site by ``weight``, a 0-dim tensor, instead of by
+        the number :meth:`beta`. The compiled step (:mod:`pyro_vae.compile`) traces its graph here with ``weight`` as
+        one of the graph's inputs and writes :meth:`beta` into it before every step, so one graph serves every β
+        (β = 0 included: the scale is multiplied, never validated).
+
+        :param torch.Tensor weight: a 0-dim floating tensor.
+        :raises ValueError: for a schedule without a scalar weight (:attr:`scalar_weight` is ``False``).
+        """
+        if not self.scalar_weight:
+            raise ValueError(f"the {self.name} KL schedule has no scalar weight to take as an input")
+        self._weight_input = weight
+        try:
+            yield
+        finally:
+            self._weight_input = None
 
     @property
     def value(self) -> float:
@@ -138,6 +166,9 @@ class KLSchedule:
         :param msg: the Pyro message of the latent sample site.
         :param str role: ``"model"`` or ``"guide"``.
         """
+        if self._weight_input is not None:  # a traced graph's input: always multiply, whatever its value now
+            msg["scale"] = self._weight_input * msg["scale"]
+            return
         beta = self.beta()
         if beta != 1.0:
             msg["scale"] = beta * msg["scale"]

@@ -65,8 +65,9 @@ class TrainStep:
     so that a run resumed at an epoch's last, smaller batch still compiles for the full one. Every later batch of
     that size runs the graph; a batch of another size (an epoch's last, partial batch) runs the eager step, on the
     same optimiser. The noise comes from the same torch generator, so compiled and eager runs draw the same samples
-    and differ only by float32 reassociation in Inductor's fused kernels. A configuration that cannot compile (a
-    KL schedule, ``iwae:k:dreg``, DistributedDataParallel, an untraceable guide) logs one line and stays eager.
+    and differ only by float32 reassociation in Inductor's fused kernels. The KL schedule's weight is an input of the
+    graph, written every step, so the default warm-up compiles. A configuration that cannot compile (the ``free_bits``
+    schedule, ``iwae:k:dreg``, DistributedDataParallel, an untraceable guide) logs one line and stays eager.
     The compiled step adds no state: :meth:`state_dict` is the same with and without it.
 
     :param vae: the model to train, already on its device.
