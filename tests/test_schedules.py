@@ -132,6 +132,37 @@ def test_schedule_values():
     assert [v[1] for v in values[:10]] == pytest.approx([0, 0.25, 0.5, 0.75, 1, 1, 1, 1, 0, 0.25])
 
 
+@pytest.mark.parametrize("spec", ["constant:0.5", "linear:4", "cyclical:8"])
+def test_weight_input_scales_by_the_tensor_whatever_beta_is(spec):
+    """Inside ``weight_input`` the latent site's scale is the given tensor times the plate's scale (what a traced
+    graph records as a product with its input), even where β is 1 and the eager step skips the product; outside,
+    the eager rule holds again. The observed site is untouched either way."""
+    schedule = make_schedule(spec)
+    schedule.steps = 4  # β = 0.5, 1, 1: both sides of the eager step's β == 1 shortcut
+    vae = VAE(6, latent_dim=2, hidden_dims=(4,))
+    x = torch.bernoulli(torch.full((3, 6), 0.5))
+    model, guide = kl_scaled(vae.model, vae.guide, schedule)
+    weight = torch.tensor(0.125)
+    with schedule.weight_input(weight):
+        inside = [pyro.poutine.trace(p).get_trace(x, 12) for p in (guide, model)]
+    outside = [pyro.poutine.trace(p).get_trace(x, 12) for p in (guide, model)]
+    for trace in inside:
+        assert torch.is_tensor(trace.nodes["z"]["scale"]) and trace.nodes["z"]["scale"].item() == 0.125 * 4
+    for trace in outside:
+        assert trace.nodes["z"]["scale"] == schedule.value * 4  # N/B = 12/3 and the number β
+    assert inside[1].nodes["x"]["scale"] == outside[1].nodes["x"]["scale"] == 4
+    assert schedule.scalar_weight
+
+
+def test_free_bits_has_no_scalar_weight():
+    """Free bits weights each dimension from the minibatch's KL, so a compiled step cannot take it as one input."""
+    schedule = make_schedule("free_bits:0.5")
+    assert not schedule.scalar_weight
+    with pytest.raises(ValueError, match="the free_bits KL schedule has no scalar weight"):
+        with schedule.weight_input(torch.tensor(1.0)):
+            pass
+
+
 def test_state_dict_round_trip_and_mismatch():
     schedule = make_schedule("cyclical:100:0.25")
     for _ in range(37):
