@@ -293,10 +293,10 @@ def step_batches(steps, n=N, batch=B):
     return out
 
 
-def train_step_losses(compile, batches, device="cpu"):
+def train_step_losses(compile, batches, device="cpu", kl_schedule=None):
     vae = tiny_vae().to(device)
     pyro.set_rng_seed(0)
-    step = TrainStep(vae, TrainConfig(lr=1e-2, kl_schedule=None, compile=compile), num_data=N)
+    step = TrainStep(vae, TrainConfig(lr=1e-2, kl_schedule=kl_schedule, compile=compile), num_data=N)
     losses = [step.step(x.to(device), index.to(device)) for x, index in batches]
     return losses, vae, step
 
@@ -544,14 +544,16 @@ def test_cli_train_compile(tmp_path, caplog):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_compiled_train_step_matches_eager():
+@pytest.mark.parametrize("kl_schedule", [None, "linear:30"])
+def test_cuda_compiled_train_step_matches_eager(kl_schedule):
     """TrainStep(compile=True) on CUDA: CUDA graphs (mode="reduce-overhead") after the first step, a partial batch
-    eagerly, and the losses of eager at the tolerance of assert_compiled_matches_eager, with TF32 off."""
+    eagerly, and the losses of eager at the tolerance of assert_compiled_matches_eager, with TF32 off; with a KL
+    warm-up that ends at step 30, β is written into the graph's static input before every replay."""
     torch.backends.cuda.matmul.allow_tf32 = False
     batches = step_batches(40)
     batches[20] = (batches[20][0][:5], batches[20][1][:5])
-    expected, _, _ = train_step_losses(False, batches, device="cuda")
-    got, _, step = train_step_losses(True, batches, device="cuda")
+    expected, _, _ = train_step_losses(False, batches, device="cuda", kl_schedule=kl_schedule)
+    got, _, step = train_step_losses(True, batches, device="cuda", kl_schedule=kl_schedule)
     assert step.compiled.mode == "reduce-overhead"
     assert (step.compiled.compiled_steps, step.compiled.eager_steps) == (38, 1)
     assert_compiled_matches_eager(got, expected)
