@@ -30,6 +30,10 @@ Each schedule is a small stateful object: :meth:`KLSchedule.step` advances it af
 :attr:`KLSchedule.value` is the weight to log, and :meth:`KLSchedule.state_dict` / :meth:`KLSchedule.load_state_dict`
 let a checkpoint carry it. New schedules subclass :class:`KLSchedule` and are added with :func:`register`.
 
+A schedule whose whole effect is its number β (:attr:`KLSchedule.scalar_weight`: all but ``free_bits``) also runs in
+the compiled step (:mod:`pyro_vae.compile`), which traces its graph under :meth:`KLSchedule.weight_input` so that β
+is an input of the graph, written before every step, rather than a constant frozen at the step it was traced.
+
 References
 
 [1] beta-VAE: Learning Basic Visual Concepts with a Constrained Variational Framework, I. Higgins et al. (2017)
