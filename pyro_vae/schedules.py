@@ -109,6 +109,12 @@ class KLSchedule:
         """β at the current step."""
         raise NotImplementedError
 
+    def unfinished_warning(self, total_steps: int) -> str | None:
+        """One line when this schedule would leave the run on a down-weighted KL term after ``total_steps`` steps
+        (a warm-up longer than the run), else ``None``. Schedules whose weight below 1 is the point (``constant``,
+        ``cyclical``) return ``None``."""
+        return None
+
     @property
     def scalar_weight(self) -> bool:
         """Whether the schedule's whole effect is the number :meth:`beta` on the latent site's scale (it does not
@@ -222,6 +228,15 @@ class LinearWarmup(KLSchedule):
 
     def beta(self) -> float:
         return self.start + (1.0 - self.start) * min(1.0, self.steps / self.warmup_steps)
+
+    def unfinished_warning(self, total_steps: int) -> str | None:
+        if self.warmup_steps <= total_steps:
+            return None
+        return (
+            f"the KL warm-up linear:{self.warmup_steps:g} reaches weight 1 after {self.warmup_steps:g} steps but this "
+            f"run takes {total_steps}, so it ends on a down-weighted KL term; raise --epochs, or pass a shorter "
+            f"--kl-schedule linear:N (N <= {total_steps}) or --kl-schedule none"
+        )
 
 
 @register

@@ -196,7 +196,6 @@ class _Loop:
             world_size=self.world_size,
         )
         self.n_batches = len(self.batch_source)
-        self.train_step = TrainStep(vae, tc, num_data=self.n_train)
         self.losses: list[float] = []
         self.records: list[EpochRecord] = []
         self.position = Progress()
@@ -204,6 +203,8 @@ class _Loop:
         self.metrics_offset, self.last_checkpoint = 0, None  # metrics.jsonl bytes the state matches; a Path or None
         self.callback_states: dict = {}
         self.total_steps = min(tc.epochs * self.n_batches, tc.max_steps or math.inf)
+        main_steps = self.total_steps if self.is_main else None  # rank 0 alone warns of an unfinished warm-up
+        self.train_step = TrainStep(vae, tc, num_data=self.n_train, total_steps=main_steps)
         self._began = time.perf_counter()
         if self.resumed is not None:
             self._restore(force)  # with the prior's parameters (a VampPrior's pseudo-inputs) from the checkpoint

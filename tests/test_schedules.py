@@ -249,3 +249,30 @@ def test_none_spells_the_plain_elbo_in_configs_and_flags():
     args = cli.build_parser().parse_args(["train", "--kl-schedule", "none"])
     assert config_from_args(args).train.kl_schedule is None  # a given flag, not the default
     assert config_from_args(cli.build_parser().parse_args(["train"])).train.kl_schedule == "linear:1000"
+
+
+def test_a_warm_up_longer_than_the_run_is_one_warning_line(caplog):
+    """A run shorter than its warm-up ends on a down-weighted KL term; TrainStep says so once, naming the fixes, and
+    says nothing when the warm-up ends in time or for schedules whose weight below 1 is intended."""
+    import logging
+
+    from pyro_vae.config import TrainConfig
+    from pyro_vae.model import VAE
+    from pyro_vae.step import TrainStep
+
+    vae = VAE(12, latent_dim=2, hidden_dims=(8,))
+    with caplog.at_level(logging.WARNING, logger="pyro_vae.step"):
+        TrainStep(vae, TrainConfig(kl_schedule="linear:1000"), num_data=64, total_steps=500)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "the KL warm-up linear:1000 reaches weight 1 after 1000 steps but this run takes 500, so it ends on a "
+        "down-weighted KL term; raise --epochs, or pass a shorter --kl-schedule linear:N (N <= 500) or "
+        "--kl-schedule none"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyro_vae.step"):
+        TrainStep(vae, TrainConfig(kl_schedule="linear:1000"), num_data=64, total_steps=1000)
+        TrainStep(vae, TrainConfig(kl_schedule="constant:0.5"), num_data=64, total_steps=10)
+        TrainStep(vae, TrainConfig(kl_schedule="cyclical:100"), num_data=64, total_steps=10)
+        TrainStep(vae, TrainConfig(kl_schedule="linear:1000"), num_data=64)  # length unknown: nothing to say
+    assert caplog.records == []
