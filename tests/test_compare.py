@@ -386,11 +386,18 @@ def test_cli_compare_varies_the_likelihood_and_guides_is_its_alias(tmp_path, cap
     from pyro_vae.cli.commands import _compare_variants
 
     parser = cli.build_parser()
-    config = cli.config_from_args(parser.parse_args(["compare"]))
-    alias = _compare_variants(parser.parse_args(["compare", "--guides", "iaf:2,mvn_diag"]), config)
-    assert alias == _compare_variants(parser.parse_args(["compare", "--vary", "guide=iaf:2,mvn_diag"]), config)
-    assert alias == ("guide", ["iaf:2", "mvn_diag"])
-    assert _compare_variants(parser.parse_args(["compare"]), config) == ("guide", cli.DEFAULT_COMPARE_GUIDES.split(","))
+
+    def variants(*argv):
+        return _compare_variants(parser.parse_args(["compare", *argv]))[1:]
+
+    alias = variants("--guides", "iaf:2,mvn_diag")
+    assert alias == variants("--vary", "guide=iaf:2,mvn_diag") == ("guide", ["iaf:2", "mvn_diag"])
+    assert variants() == ("guide", cli.DEFAULT_COMPARE_GUIDES.split(","))
+    # grey-level likelihoods with --binarize none: the base config holds a compared value, not the default bernoulli
+    config, field, values = _compare_variants(
+        parser.parse_args(["compare", "--vary", "likelihood=beta,gaussian:learned", "--binarize", "none"])
+    )
+    assert (config.model.likelihood, field, values) == ("beta", "likelihood", ["beta", "gaussian:learned"])
     args = ["compare", "--vary", "likelihood=bernoulli,continuous_bernoulli", "--seeds", "1", "--epochs", "1"]
     args += ["--n-train", "100", "--n-test", "20", "--batch-size", "50", "--hidden-dims", "16", "--latent-dim", "2"]
     args += ["--no-isolate", "--nll-k", "0", "--no-figures", "--threads", "1"]

@@ -177,9 +177,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare_variants(args: argparse.Namespace, config: RunConfig) -> tuple[str, list[str]]:
-    """``(field, values)`` of ``--vary`` or ``--guides`` (default: the guide list), each value's run config checked
-    as ``train`` checks its own, before any data load; a field set by its own flag as well is refused."""
+def _compare_variants(args: argparse.Namespace) -> tuple[RunConfig, str, list[str]]:
+    """The base config, and ``(field, values)`` of ``--vary`` or ``--guides`` (default: the guide list), each value's
+    run config checked as ``train`` checks its own, before any data load; a field set by its own flag as well is
+    refused. The base config holds the first value, so that it is a config some run will use: ``--vary
+    likelihood=beta,gaussian --binarize none`` must not be refused for the default likelihood it never trains."""
     from pyro_vae.cli.parser import DEFAULT_COMPARE_GUIDES
     from pyro_vae.compare import vary_fields
 
@@ -187,15 +189,17 @@ def _compare_variants(args: argparse.Namespace, config: RunConfig) -> tuple[str,
     section = vary_fields()[field]
     if field != "guide" and getattr(args, field, None) is not None:
         raise ConfigError(f"--{field.replace('_', '-')} and --vary {field}=... both set the {field}; pass one of them")
+    if getattr(args, field, None) is None:
+        setattr(args, field, values[0])
+    config = config_from_args(args)
     hints = [check_before_load(config.replace(**{section: {field: value}})) for value in values]
     for hint in dict.fromkeys(h for h in hints if h is not None):  # once each, in order
         logger.warning(hint)
-    return field, values
+    return config, field, values
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    field, values = _compare_variants(args, config)
+    config, field, values = _compare_variants(args)
     out = args.out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     from pyro_vae.compare import compare
 
