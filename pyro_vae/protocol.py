@@ -115,6 +115,9 @@ class EvalResult(NamedTuple):
     :ivar kl_per_dim: mean KL between the Normal marginals of q and p per dimension, or ``None``.
     :ivar input_dim: D.
     :ivar seed: seed of the evaluation noise.
+    :ivar active_directions: eigenvalues of :math:`\operatorname{Cov}_x(\mathbb{E}_q[z])` above the threshold, the
+        rotation-invariant count of active dimensions (:func:`pyro_vae.evaluation.active_directions`); ``None`` in
+        records written before it existed.
     """
 
     protocol: Protocol
@@ -128,6 +131,7 @@ class EvalResult(NamedTuple):
     kl_per_dim: tuple[float, ...] | None
     input_dim: int
     seed: int
+    active_directions: int | None = None
 
     @property
     def num_images(self) -> int:
@@ -174,6 +178,7 @@ class EvalResult(NamedTuple):
             "nll": self.nll.mean,
             "nll_se": self.nll.se,
             "active_units": self.active_units,
+            "active_directions": self.active_directions,
             "latent_activity": list(self.latent_activity),
             "kl_per_dim": None if self.kl_per_dim is None else list(self.kl_per_dim),
             "input_dim": self.input_dim,
@@ -207,30 +212,47 @@ class EvalResult(NamedTuple):
                 kl_per_dim=None if kl_per_dim is None else tuple(kl_per_dim),
                 input_dim=record["input_dim"],
                 seed=record["eval_seed"],
+                active_directions=record.get("active_directions"),  # absent from records written before it
             )
         except (KeyError, TypeError) as err:
             raise DataError(f"not an evaluation record written by EvalResult.to_json: missing or bad {err}") from None
 
+    @property
+    def discrete(self) -> bool:
+        """Whether log p(x) is a log probability mass (binarised images), so that bits per dimension are a code
+        length. Without binarisation (``binarize="none"``: grey or real-valued data) it is a log density, which
+        depends on the units of x and can exceed 0, and the tables leave bits/dim out."""
+        return self.protocol.binarize != "none"
+
     def rows(self) -> list[tuple[str, str, str]]:
-        """``(metric, nats per image, bits per dimension)`` rows of :meth:`table`."""
+        """``(metric, nats per image, bits per dimension)`` rows of :meth:`table`; the ELBO row names the split,
+        and the bits column is empty for data that are not :attr:`discrete`."""
         scale = 1.0 / (self.input_dim * math.log(2))
         elbo_bpd = MeanSE(-self.elbo.mean * scale, self.elbo.se * scale)
+
+        def bpd(value: MeanSE) -> str:
+            return _fmt_bpd(value) if self.discrete else ""
+
         rows = [
-            ("test ELBO", str(self.elbo), _fmt_bpd(elbo_bpd)),
+            (f"{self.protocol.split} ELBO", str(self.elbo), bpd(elbo_bpd)),
             ("  reconstruction", str(self.reconstruction), ""),
             (f"  KL ({self.kl_method.replace('_', ' ')})", str(self.kl), ""),
         ]
-        rows += [(f"log p(x), k={b.k}", str(b.log_px), _fmt_bpd(b.bits_per_dim)) for b in self.bounds]
+        rows += [(f"log p(x), k={b.k}", str(b.log_px), bpd(b.bits_per_dim)) for b in self.bounds]
         rows.append(("NLL", str(self.nll), ""))
         latent_dim = len(self.latent_activity)
         rows.append(("active units", f"{self.active_units} of {latent_dim}", ""))
+        directions = "n/a" if self.active_directions is None else f"{self.active_directions} of {latent_dim}"
+        rows.append(("active directions", directions, ""))
         return rows
 
     def table(self) -> str:
         """A printable table of every number, with the protocol underneath."""
-        lines = [f"{'metric':<20}{'nats/image':>20}{'bits/dim':>20}"]
+        lines = [f"{'metric':<20}{'nats/image':>20}{'bits/dim' if self.discrete else '':>20}"]
         lines += [f"{m:<20}{a:>20}{b:>20}" for m, a, b in self.rows()]
         lines.append(f"({self.protocol.describe()}; eval seed {self.seed})")
+        if not self.discrete:
+            lines.append("(no bits/dim: the data are not binarised, so log p(x) is a density, not a code length)")
         return "\n".join(lines)
 
 
