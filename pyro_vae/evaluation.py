@@ -10,7 +10,8 @@ particle plate (see :mod:`pyro_vae.importance`), replays the model on them and f
   w_{k'i}`, averaged over the :math:`G = \lfloor K / k \rfloor` disjoint groups of k particles, so that smaller k
   reuse the same draws at no extra cost (k = 1 gives the K-sample Monte Carlo ELBO). It is a stochastic lower
   bound, :math:`\mathbb{E}[\hat{\mathcal{L}}_k] \le \log p(x_i)`, non-decreasing in k; :math:`-\hat{\mathcal{L}}_K`
-  is the reported NLL. Bits per dimension are :math:`-\hat{\mathcal{L}}_k / (D \ln 2)`;
+  is the reported NLL. Bits per dimension are :math:`-\hat{\mathcal{L}}_k / (D \ln 2)`, a code length that
+  the tables show for binarised data only (on real-valued or grey data log p(x) is a density);
 * the **test ELBO** = reconstruction − KL, with reconstruction :math:`\frac{1}{K}\sum_k \log p(x_i \mid z_{ki})`
   and the KL analytic where the guide and prior have one (Gaussian families: ``kl_method="analytic"``), else its
   K-sample Monte Carlo estimate;
