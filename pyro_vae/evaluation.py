@@ -17,7 +17,11 @@ particle plate (see :mod:`pyro_vae.importance`), replays the model on them and f
   and the KL analytic where the guide and prior have one (Gaussian families: ``kl_method="analytic"``), else its
   K-sample Monte Carlo estimate;
 * **active units** (Burda et al. 2016): dimension d is active when
-  :math:`A_d = \operatorname{Cov}_x(\mathbb{E}_{q(z \mid x)}[z_d]) > 0.01`;
+  :math:`A_d = \operatorname{Cov}_x(\mathbb{E}_{q(z \mid x)}[z_d]) > 0.01`. The count depends on the basis of the
+  latent space: a rotation of z leaves the model's likelihood unchanged but mixes the per-coordinate variances, so
+  one used direction spread over 16 coordinates counts as 16 units. The **active directions**, the eigenvalues of
+  the covariance matrix :math:`\operatorname{Cov}_x(\mathbb{E}_q[z])` above the same threshold, do not depend on the
+  basis and equal the active units when the covariance is diagonal (see :func:`active_directions`);
 * **KL per latent dimension**, :math:`\frac{1}{N}\sum_i \mathrm{KL}(q(z_d \mid x_i) \,\|\, p(z_d))` between the
   Normal marginals (``None`` for families without Normal marginals, such as flows). For a guide with correlated
   dimensions the per-dimension values do not sum to the joint KL.
@@ -69,6 +73,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "ACTIVE_UNIT_THRESHOLD",
     "DataProtocol",
     "ELBOResult",
     "EvalResult",
@@ -77,6 +82,8 @@ __all__ = [
     "Protocol",
     "ProtocolMismatchError",
     "bits_rule",
+    "active_directions",
+    "active_units",
     "check_same_protocol",
     "elbo_terms",
     "evaluate",
@@ -104,6 +111,47 @@ def latent_activity(means: torch.Tensor) -> torch.Tensor:
     if means.shape[0] < 2:
         return means.new_zeros(means.shape[-1])
     return means.var(0, unbiased=True)
+
+
+def _check_means(means: torch.Tensor) -> None:
+    if means.dim() != 2:
+        raise DataError(f"posterior means must have shape (N, L), got {tuple(means.shape)}")
+
+
+def active_units(means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
+    r"""Burda et al.'s (2016) active units: the coordinates d with
+    :math:`\operatorname{Var}_x(\mathbb{E}_q[z_d]) >` ``threshold``, from the posterior means of N data points.
+
+    The count depends on the basis of the latent space; :func:`active_directions` is its rotation-invariant form.
+
+    :param means: ``(N, L)`` posterior means :math:`\mathbb{E}_{q(z \mid x_i)}[z]`.
+    :param float threshold: default 0.01.
+    :returns: a count in ``0..L`` (0 when N < 2: one point has no spread).
+    """
+    _check_means(means)
+    return int((latent_activity(means) > threshold).sum())
+
+
+def active_directions(means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
+    r"""The basis-free count of active latent dimensions: the eigenvalues of the ``(L, L)`` covariance
+    :math:`C = \operatorname{Cov}_x(\mathbb{E}_q[z])` of the posterior means that exceed ``threshold``.
+
+    A rotation :math:`z \mapsto R z` of the latent space (which a model with an N(0, I) prior cannot tell apart)
+    maps :math:`C` to :math:`R C R^\top`, which has the same eigenvalues, so this count does not change, while the
+    per-coordinate variances of :func:`active_units` (the diagonal of :math:`C`) do: variance 1 along one direction
+    that is spread evenly over 16 coordinates gives each coordinate 1/16, 16 active units and 1 active direction.
+    When :math:`C` is diagonal the two counts agree.
+
+    :param means: ``(N, L)`` posterior means.
+    :param float threshold: default 0.01, Burda et al.'s threshold for a unit.
+    :returns: a count in ``0..L`` (0 when N < 2).
+    """
+    _check_means(means)
+    if means.shape[0] < 2:
+        return 0
+    centred = means.double() - means.double().mean(0)
+    covariance = centred.T @ centred / (means.shape[0] - 1)  # (L, L), unbiased like active_units
+    return int((torch.linalg.eigvalsh(covariance) > threshold).sum())
 
 
 class ELBOResult(NamedTuple):
@@ -345,10 +393,11 @@ def evaluate(
         kl=mean_se(kl),
         kl_method="analytic" if kl_analytic else "monte_carlo",
         bounds=tuple(bounds),
-        active_units=int((activity > ACTIVE_UNIT_THRESHOLD).sum()),
+        active_units=active_units(means),
         latent_activity=tuple(activity.tolist()),
         kl_per_dim=tuple(acc.get("kl_dims").mean(0).tolist()) if acc.has("kl_dims") else None,
         input_dim=input_dim,
         seed=seed,
         bits_rule=rule,
+        active_directions=active_directions(means),
     )

@@ -126,6 +126,9 @@ class EvalResult(NamedTuple):
     :ivar seed: seed of the evaluation noise.
     :ivar bits_rule: how nats became bits per dimension, a key of :data:`BITS_RULES` (``"discrete"`` in records
         written before the field existed).
+    :ivar active_directions: eigenvalues of :math:`\operatorname{Cov}_x(\mathbb{E}_q[z])` above the threshold, the
+        rotation-invariant count of active dimensions (:func:`pyro_vae.evaluation.active_directions`); ``None`` in
+        records written before it existed.
     """
 
     protocol: Protocol
@@ -140,6 +143,7 @@ class EvalResult(NamedTuple):
     input_dim: int
     seed: int
     bits_rule: str = "discrete"
+    active_directions: int | None = None
 
     @property
     def num_images(self) -> int:
@@ -186,6 +190,7 @@ class EvalResult(NamedTuple):
             "nll": self.nll.mean,
             "nll_se": self.nll.se,
             "active_units": self.active_units,
+            "active_directions": self.active_directions,
             "latent_activity": list(self.latent_activity),
             "kl_per_dim": None if self.kl_per_dim is None else list(self.kl_per_dim),
             "input_dim": self.input_dim,
@@ -223,22 +228,27 @@ class EvalResult(NamedTuple):
                 input_dim=record["input_dim"],
                 seed=record["eval_seed"],
                 bits_rule=_recorded(record, cls, "bits_rule"),
+                active_directions=record.get("active_directions"),  # absent from records written before it
             )
         except (KeyError, TypeError) as err:
             raise DataError(f"not an evaluation record written by EvalResult.to_json: missing or bad {err}") from None
 
     def rows(self) -> list[tuple[str, str, str]]:
-        """``(metric, nats per image, bits per dimension)`` rows of :meth:`table`."""
+        """``(metric, nats per image, bits per dimension)`` rows of :meth:`table`; the ELBO row names the split, and
+        the bits column follows :attr:`bits_rule` (``n/a`` where the rule defines no bits/dim)."""
         elbo_bpd = bits_per_dim(self.elbo, self.input_dim, self.bits_rule)
+        bpd = _fmt_bpd
         rows = [
-            ("test ELBO", str(self.elbo), _fmt_bpd(elbo_bpd)),
+            (f"{self.protocol.split} ELBO", str(self.elbo), bpd(elbo_bpd)),
             ("  reconstruction", str(self.reconstruction), ""),
             (f"  KL ({self.kl_method.replace('_', ' ')})", str(self.kl), ""),
         ]
-        rows += [(f"log p(x), k={b.k}", str(b.log_px), _fmt_bpd(b.bits_per_dim)) for b in self.bounds]
+        rows += [(f"log p(x), k={b.k}", str(b.log_px), bpd(b.bits_per_dim)) for b in self.bounds]
         rows.append(("NLL", str(self.nll), ""))
         latent_dim = len(self.latent_activity)
         rows.append(("active units", f"{self.active_units} of {latent_dim}", ""))
+        directions = "n/a" if self.active_directions is None else f"{self.active_directions} of {latent_dim}"
+        rows.append(("active directions", directions, ""))
         return rows
 
     def table(self) -> str:

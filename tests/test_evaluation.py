@@ -26,6 +26,8 @@ from pyro_vae.evaluation import (
     DataProtocol,
     EvalResult,
     ProtocolMismatchError,
+    active_directions,
+    active_units,
     evaluate,
     evaluate_elbo,
     side_by_side,
@@ -169,12 +171,90 @@ def test_active_units_and_kl_per_dimension(float64):
     means, cov = diagonal_q(vae, x)
     np.testing.assert_allclose(result.latent_activity, means.var(0, ddof=1), rtol=1e-10, atol=1e-14)
     assert result.active_units == 1 and result.latent_activity[1] == 0.0
+    assert result.active_directions == 1  # the means vary along coordinate 0 only
     # KL(N(μ, s²) ‖ N(0, 1)) per dimension = (s² + μ² - 1 - log s²) / 2, averaged over images.
     var = np.stack([np.diag(c) for c in cov])
     per_dim = (0.5 * (var + means**2 - 1 - np.log(var))).mean(0)
     np.testing.assert_allclose(result.kl_per_dim, per_dim, rtol=1e-10, atol=1e-14)
     assert result.kl_per_dim[1] == pytest.approx(0.0, abs=1e-12)
     assert sum(result.kl_per_dim) == pytest.approx(result.kl.mean, rel=1e-10)  # a diagonal q: the KLs add up
+
+
+def _random_rotation(L, seed):
+    # Haar-distributed orthogonal matrix: QR of a Gaussian matrix, with R's diagonal signs folded into Q.
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(L, L)))
+    return q * np.sign(np.diag(r))
+
+
+def test_active_directions_are_the_eigenvalues_above_the_threshold_and_rotation_invariant():
+    """Three directions of variance >= 0.05 and 13 of about 1e-4, in a random basis: the eigenvalue count (checked
+    against numpy's covariance eigenvalues) stays 3 under any rotation, while the per-coordinate count does not."""
+    rng = np.random.default_rng(0)
+    L, N = 16, 400
+    spread = np.array([1.0, 0.3, math.sqrt(0.05)] + [1e-2] * 13)  # standard deviations: variances 1, 0.09, 0.05, 1e-4
+    means = rng.normal(size=(N, L)) * spread @ _random_rotation(L, 1).T
+    eigenvalues = np.linalg.eigvalsh(np.cov(means, rowvar=False))
+    # The sample eigenvalues sit far from 0.01: the three large ones near 1, 0.09 and 0.05, the rest near 1e-4
+    # (relative sampling error of a variance ~ sqrt(2/N) = 7 %), so the count is not a coin toss at the threshold.
+    assert (eigenvalues > 0.02).sum() == 3 and (eigenvalues < 0.002).sum() == 13
+    for seed in range(3):
+        rotated = torch.from_numpy(means @ _random_rotation(L, 10 + seed).T)
+        assert active_directions(rotated) == 3
+    # One direction of variance 1 spread evenly over 16 coordinates (a Hadamard-like rotation): each coordinate
+    # gets variance 1/16 > 0.01, so 16 active units, and still 1 active direction.
+    direction = np.ones(L) / math.sqrt(L)
+    one_direction = torch.from_numpy(np.outer(rng.normal(size=N), direction))
+    variances = one_direction.var(0)
+    assert torch.all(variances > 0.01)
+    assert active_units(one_direction) == L and active_directions(one_direction) == 1
+
+
+def test_active_directions_equal_active_units_for_axis_aligned_means():
+    """Means whose centred columns are exactly orthogonal have a diagonal covariance: both counts read its
+    diagonal, so they agree, on both sides of the threshold."""
+    rng = np.random.default_rng(2)
+    N, variances = 50, np.array([2.0, 0.5, 0.02, 0.005, 1e-4, 0.0])
+    gaussian = rng.normal(size=(N, len(variances)))
+    # Q's columns are combinations of the centred columns, so they are centred too, and orthonormal.
+    q, _ = np.linalg.qr(gaussian - gaussian.mean(0))
+    means = q * np.sqrt(variances * (N - 1))
+    cov = np.cov(means, rowvar=False)
+    np.testing.assert_allclose(cov, np.diag(variances), atol=1e-12)
+    means = torch.from_numpy(means)
+    assert active_units(means) == active_directions(means) == 3
+    assert active_units(means[:1]) == active_directions(means[:1]) == 0  # one point has no spread
+
+
+def test_active_counts_refuse_means_of_the_wrong_shape():
+    with pytest.raises(DataError, match=r"^posterior means must have shape \(N, L\), got \(5,\)$"):
+        active_directions(torch.zeros(5))
+
+
+def test_tables_name_the_split_and_give_bits_per_dim_only_where_the_rule_defines_them(float64):
+    vae = make_model(D=4, L=2, seed=7)
+    x = _data(vae, 12, 7)
+    continuous = evaluate(vae, x, (1, 4), protocol=DataProtocol("synthetic", "train", "none", None))
+    rows = {metric: bits for metric, _, bits in continuous.rows()}
+    assert "train ELBO" in rows and "test ELBO" not in rows
+    # a density on real-valued data: no bits/dim anywhere, and the table says why
+    assert continuous.bits_rule == "off_grid" and rows["train ELBO"] == rows["log p(x), k=4"] == "n/a"
+    assert "not reported: a continuous density on data that are not 8-bit" in continuous.table()
+    # The same numbers under the discrete rule: bits/dim = -log p(x) / (D ln 2).
+    binary = continuous._replace(bits_rule="discrete", protocol=continuous.protocol._replace(split="test"))
+    rows = {metric: bits for metric, _, bits in binary.rows()}
+    elbo = continuous.elbo
+    assert rows["test ELBO"] == f"{-elbo.mean / (4 * math.log(2)):.4f} ± {elbo.se / (4 * math.log(2)):.4f}"
+
+
+def test_records_without_active_directions_read_back(float64):
+    vae = make_model(D=4, L=2, seed=7)
+    result = evaluate(vae, _data(vae, 12, 7), (1, 4), protocol=DataProtocol("synthetic", "test", "none", None))
+    record = result.to_json()
+    assert record["active_directions"] == result.active_directions
+    del record["active_directions"]  # as eval.json files written before the field existed
+    old = EvalResult.from_json(record)
+    assert old.active_directions is None and old == result._replace(active_directions=None)
+    assert ("active directions", "n/a", "") in old.rows()
 
 
 class _ShiftedNormal(GuideFamily):
