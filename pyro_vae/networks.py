@@ -108,14 +108,30 @@ class Networks(NamedTuple):
     decoder: nn.Module
 
 
-#: A network builder: keyword arguments ``input_shape`` (``(D,)``, ``(H, W)`` or ``(C, H, W)``), ``latent_dim``,
-#: ``num_params``, ``output_dim``, ``hidden_dims``, ``activation``, ``conv_channels``; returns :class:`Networks`.
-NetworkBuilder = Callable[..., Networks]
+class NetworkSpec(NamedTuple):
+    """What a network builder is asked to build (see :func:`make_networks` for each field)."""
+
+    input_shape: tuple[int, ...]
+    latent_dim: int
+    num_params: int
+    output_dim: int
+    hidden_dims: tuple[int, ...]
+    activation: str
+    conv_channels: tuple[int, ...]
+
+
+#: A network builder: :class:`NetworkSpec` → :class:`Networks`. Each reads the fields it needs.
+NetworkBuilder = Callable[[NetworkSpec], Networks]
 _REGISTRY: dict[str, NetworkBuilder] = {}
 
 
 def register_network(name: str) -> Callable[[NetworkBuilder], NetworkBuilder]:
-    """Decorator that registers a network builder under ``name``."""
+    """Decorator that registers a network builder (``NetworkSpec -> Networks``) under ``name``::
+
+    @register_network("my_net")
+    def my_networks(spec: NetworkSpec) -> Networks:
+        return Networks(MyEncoder(spec.input_shape, spec.num_params), MyDecoder(spec.latent_dim, spec.output_dim))
+    """
 
     def add(builder: NetworkBuilder) -> NetworkBuilder:
         _REGISTRY[name] = builder
@@ -156,34 +172,19 @@ def make_networks(
     """
     if name not in _REGISTRY:
         raise unknown_choice("network", name, _REGISTRY)
-    return _REGISTRY[name](
-        input_shape=tuple(input_shape),
-        latent_dim=latent_dim,
-        num_params=num_params,
-        output_dim=output_dim,
-        hidden_dims=tuple(hidden_dims),
-        activation=activation,
-        conv_channels=tuple(conv_channels),
+    spec = NetworkSpec(
+        tuple(input_shape), latent_dim, num_params, output_dim, tuple(hidden_dims), activation, tuple(conv_channels)
     )
+    return _REGISTRY[name](spec)
 
 
 @register_network("mlp")
-def mlp_networks(
-    *,
-    input_shape: tuple[int, ...],
-    latent_dim: int,
-    num_params: int,
-    output_dim: int,
-    hidden_dims: tuple[int, ...],
-    activation: str,
-    conv_channels: tuple[int, ...],
-) -> Networks:
+def mlp_networks(spec: NetworkSpec) -> Networks:
     """The seed networks: an MLP :class:`Encoder` on the flattened image and an MLP :class:`Decoder` with the widths
     reversed (``conv_channels`` is the conv network's and unused here)."""
-    input_dim = math.prod(input_shape)
     return Networks(
-        Encoder(input_dim, hidden_dims, num_params, activation),
-        Decoder(latent_dim, tuple(reversed(hidden_dims)), output_dim, activation),
+        Encoder(math.prod(spec.input_shape), spec.hidden_dims, spec.num_params, spec.activation),
+        Decoder(spec.latent_dim, tuple(reversed(spec.hidden_dims)), spec.output_dim, spec.activation),
     )
 
 
@@ -316,24 +317,15 @@ class ConvDecoder(nn.Module):
 
 
 @register_network("conv")
-def conv_networks(
-    *,
-    input_shape: tuple[int, ...],
-    latent_dim: int,
-    num_params: int,
-    output_dim: int,
-    hidden_dims: tuple[int, ...],
-    activation: str,
-    conv_channels: tuple[int, ...],
-) -> Networks:
+def conv_networks(spec: NetworkSpec) -> Networks:
     """A :class:`ConvEncoder` and a :class:`ConvDecoder` for ``(C, H, W)`` images of at least 8×8 pixels (a legacy
     ``(H, W)`` is one grey channel), widths ``conv_channels`` (``hidden_dims`` is the mlp's and unused here).
 
     :raises DataError: flat data, or images under 8 pixels a side.
     :raises ConfigError: an ``output_dim`` that is not a whole number of images (a likelihood's ``output_dim`` bug).
     """
-    image_shape = _image_shape(input_shape)
-    for width in conv_channels:
+    image_shape, channels, output_dim = _image_shape(spec.input_shape), spec.conv_channels, spec.output_dim
+    for width in channels:
         check_int("every entry of conv_channels", width, low=1)
     pixels = math.prod(image_shape)
     if output_dim % pixels:
@@ -342,8 +334,8 @@ def conv_networks(
             f"likelihood asks for {output_dim}; its output_dim must be a multiple of D"
         )
     return Networks(
-        ConvEncoder(image_shape, conv_channels, num_params, activation),
-        ConvDecoder(latent_dim, image_shape, conv_channels, output_dim // pixels, activation),
+        ConvEncoder(image_shape, channels, spec.num_params, spec.activation),
+        ConvDecoder(spec.latent_dim, image_shape, channels, output_dim // pixels, spec.activation),
     )
 
 
