@@ -252,7 +252,8 @@ class CompareResult(NamedTuple):
 
     def to_markdown(self) -> str:
         """A Markdown document: the protocol, then the table."""
-        lines = ["# Guide families compared", "", self.protocol(), ""]
+        titles = {"guide": "Guide families", "prior": "Priors", "likelihood": "Likelihoods", "network": "Networks"}
+        lines = [f"# {titles.get(self.field, self.field.capitalize() + 's')} compared", "", self.protocol(), ""]
         header = self._header()
         lines.append("| " + " | ".join(header) + " |")
         lines.append("| --- | " + " | ".join("---:" for _ in header[1:]) + " |")

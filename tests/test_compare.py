@@ -287,6 +287,7 @@ def test_vary_the_likelihood_under_the_same_protocol(data, tmp_path):
         assert saved["model"]["likelihood"] == run.variant and saved["model"]["guide"] == "mvn_diag"
         assert run.shared_weights == run.num_weights  # same shapes: every initial weight is the first value's
     assert result.table().splitlines()[0].split()[:1] == ["likelihood"] and "× bernoulli" in result.table()
+    assert result.to_markdown().startswith("# Likelihoods compared\n")
     rows = list(csv.DictReader(io.StringIO((tmp_path / "compare.csv").read_text())))
     assert [r["likelihood"] for r in rows] == ["continuous_bernoulli", "bernoulli"]
     assert "time_ratio_to_bernoulli" in rows[0]
