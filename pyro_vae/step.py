@@ -75,7 +75,7 @@ class TrainStep:
     :param num_data: N, the number of images the minibatches are drawn from: the plate's size, which scales the
         minibatch ELBO by N / B. ``None`` treats each minibatch as the whole data set (N = B).
     :param total_steps: the steps the run will take, if known: a KL warm-up that would not reach weight 1 within
-        them (the run would end on a weighted ELBO) is logged as one warning line saying what to change.
+        them (the run would end on a weighted ELBO) is logged as one INFO line saying what to change.
     :raises ConfigError: for a config that is not a :class:`~pyro_vae.config.TrainConfig`, or a bad ``num_data``.
 
     :ivar SingleOptimizer optimizer: the optimiser (its state is part of :meth:`state_dict`).
@@ -107,8 +107,8 @@ class TrainStep:
         if self.kl_schedule is not None:
             model, guide = kl_scaled(model, guide, self.kl_schedule)  # weights the latent site of both programs
             unfinished = self.kl_schedule.unfinished_warning(total_steps) if total_steps is not None else None
-            if unfinished is not None:
-                logger.warning(unfinished)
+            if unfinished is not None:  # INFO: legal, and the short smoke runs of tutorials and tests would be noisy
+                logger.info(unfinished)
         self.objective = make_objective(config.objective, config.num_particles)
         self.svi = GuardedSVI(model, guide, self.optimizer, self.objective)
         self._validate = True
