@@ -104,13 +104,7 @@ class VAE(nn.Module):
         #: The :class:`~pyro_vae.config.ModelConfig` this VAE was built from, or ``None`` when it was given objects
         #: (a ready family or likelihood) that a config cannot describe.
         self.config: ModelConfig | None = None
-        input_shape = tuple(image_shape) if image_shape is not None else (input_dim,)
-        if len(input_shape) == 2:  # a legacy (H, W) is one grey channel
-            input_shape = (1, *input_shape)
-        if math.prod(input_shape) != input_dim:
-            raise ValueError(
-                f"image_shape {input_shape} has {math.prod(input_shape)} values but input_dim is {input_dim}"
-            )
+        input_shape = _input_shape(input_dim, image_shape)
         #: One image's shape ``(C, H, W)``, or ``None`` for a VAE built for flat vectors.
         self.image_shape: tuple[int, ...] | None = input_shape if image_shape is not None else None
         if isinstance(guide, str) and isinstance(likelihood, str) and isinstance(prior, str):
@@ -313,6 +307,19 @@ class VAE(nn.Module):
         """Mean images E[x | z] for ``n`` codes drawn from the prior p(z), ``(n, D)``."""
         ref = next(self.decoder.parameters())
         return self.likelihood.mean(self.decoder(self.prior.sample_codes(n, ref, generator)))
+
+
+def _input_shape(input_dim: int, image_shape: Sequence[int] | None) -> tuple[int, ...]:
+    """One data point's shape: ``(C, H, W)`` for images (a legacy ``(H, W)`` is one grey channel), ``(D,)`` for flat
+    data; an image shape whose product is not ``input_dim`` is refused."""
+    if image_shape is None:
+        return (input_dim,)
+    shape = tuple(image_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if math.prod(shape) != input_dim:
+        raise ValueError(f"image_shape {shape} has {math.prod(shape)} values but input_dim is {input_dim}")
+    return shape
 
 
 class _Route:
