@@ -80,6 +80,7 @@ class EpochRecord(NamedTuple):
     grad_norm: float
     kl_weight: float | None = None  # the KL schedule's value after the epoch; None without a schedule
     lr: float | None = None
+    accuracy: float | None = None  # M2: test accuracy of q(y | x); None for the other models
 
     def to_json(self) -> dict:
         """One line of ``metrics.jsonl``: the fields, each statistic as its mean, plus ``test_elbo_se``."""

@@ -196,6 +196,8 @@ def trace_step(
 # --------------------------------------------------------------------------------------------------------------
 # The step
 def _fallback_reason(vae: VAE, elbo: ELBO, kl_schedule: KLSchedule | None) -> str | None:
+    if vae.kind != "vae":
+        return f"--model {vae.kind} passes labels to its Pyro programs, which the traced step does not take"
     if type(elbo) not in _TRACEABLE:
         names = ", ".join(sorted(cls.__name__ for cls in _TRACEABLE))
         return f"objective {type(elbo).__name__} has no traceable loss (compiled: {names})"

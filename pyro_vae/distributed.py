@@ -151,7 +151,7 @@ def wrap(vae: VAE, ctx: DistributedContext) -> VAE:
     DDP broadcasts rank 0's parameters at construction, so every replica starts from the same weights.
     """
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    for name in ("prior", "encoder", "decoder", "family", "likelihood"):  # a learned prior is trained too
+    for name in vae.routable:  # a learned prior is trained too; a labelled model adds its classifier
         module = getattr(vae, name)
         if any(p.requires_grad for p in module.parameters()):
             vae.route(**{name: DistributedDataParallel(module, device_ids=device_ids)})

@@ -334,7 +334,7 @@ def bits_rule(likelihood, x: torch.Tensor) -> str:
     return "dequantized" if data_kind(x) == "8bit" else "off_grid"
 
 
-def _check_evaluate_args(ks, chunk_size, x: torch.Tensor) -> tuple[int, ...]:
+def check_evaluate_args(ks, chunk_size, x: torch.Tensor) -> tuple[int, ...]:
     ks = _check_ks(ks)
     check_int("chunk_size (particles × images per pass)", chunk_size, low=1)
     if x.dim() != 2 or x.shape[0] == 0:
@@ -369,7 +369,7 @@ def evaluate(
         :meth:`pyro_vae.progress.Progress.update`); default ``None``.
     :returns: an :class:`EvalResult`.
     """
-    ks = _check_evaluate_args(ks, chunk_size, x)
+    ks = check_evaluate_args(ks, chunk_size, x)
     num_particles, (n_images, input_dim) = ks[-1], x.shape
     with eval_mode(vae), own_rng(x, seed):
         acc = _evaluate_chunks(

@@ -54,10 +54,6 @@ from pyro_vae.priors import Prior, StandardNormal, make_prior
 
 __all__ = ["VAE", "StandardNormal", "posterior_mean"]  # StandardNormal lives in pyro_vae.priors; kept importable here
 
-# Which submodules' parameters each Pyro program announces: the model owns the prior, the decoder and the likelihood,
-# the guide the encoder and the family.
-_PARAM_GROUPS = {"model": ("prior", "decoder", "likelihood"), "guide": ("encoder", "family")}
-_ROUTABLE = ("prior", "encoder", "decoder", "family", "likelihood")
 
 
 class VAE(nn.Module):
@@ -79,7 +75,22 @@ class VAE(nn.Module):
     :param image_shape: one image's shape ``(C, H, W)`` (or ``(H, W)``), with product ``input_dim``; needed by
         networks that see the image as an image (``conv``). Default: flat ``(input_dim,)``.
     :param conv_channels: the ``conv`` network's channel widths (see :func:`pyro_vae.networks.make_networks`).
+
+    :cvar str kind: the model's name in :data:`pyro_vae.config.MODEL_KINDS` (``--model``); subclasses with labels
+        (:mod:`pyro_vae.labelled`) name theirs.
+    :cvar param_groups: which submodules' parameters each Pyro program announces (:meth:`announce_params`): the
+        model owns the prior, the decoder and the likelihood, the guide the encoder and the family.
+    :cvar routable: the submodules :meth:`route` may send through a wrapper (DDP routes those with parameters).
+    :cvar latent_sites: the latent sample sites a KL schedule weights.
+    :cvar bool enumerates: whether the guide enumerates a discrete site, so that training needs
+        :class:`~pyro.infer.TraceEnum_ELBO`.
     """
+
+    kind = "vae"
+    param_groups: dict[str, tuple[str, ...]] = {"model": ("prior", "decoder", "likelihood"), "guide": ("encoder", "family")}
+    routable: tuple[str, ...] = ("prior", "encoder", "decoder", "family", "likelihood")
+    latent_sites: tuple[str, ...] = ("z",)
+    enumerates = False
 
     def __init__(
         self,
@@ -118,6 +129,7 @@ class VAE(nn.Module):
                 prior=prior,
                 network=network,
                 conv_channels=tuple(conv_channels),
+                **self._config_extras(),
             )
         self.latent_dim = latent_dim
         self.family = family
@@ -125,20 +137,29 @@ class VAE(nn.Module):
         self.prior = make_prior(prior, latent_dim) if isinstance(prior, str) else prior
         if self.prior.latent_dim != latent_dim:
             raise ValueError(f"the prior has latent_dim={self.prior.latent_dim} but the VAE has {latent_dim}")
-        self.encoder, self.decoder = make_networks(
+        self._build_networks(
             network,
             input_shape=input_shape,
             latent_dim=latent_dim,
             num_params=family.num_params,
             output_dim=self.likelihood.output_dim(input_dim),
-            hidden_dims=hidden_dims,
+            hidden_dims=tuple(hidden_dims),
             activation=activation,
-            conv_channels=conv_channels,
+            conv_channels=tuple(conv_channels),
         )
         self.prior.attach(self.encode, input_dim)
         self._arange_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._routes: dict[str, nn.Module] = {}
         self._param_cache: dict[str, list[tuple[str, torch.Tensor]]] = {}
+
+    def _build_networks(self, network: str, **spec) -> None:
+        """Build ``self.encoder`` and ``self.decoder`` (``spec``: :func:`~pyro_vae.networks.make_networks`' keywords);
+        a model with labels builds them for inputs conditioned on y."""
+        self.encoder, self.decoder = make_networks(network, **spec)
+
+    def _config_extras(self) -> dict:
+        """The :class:`~pyro_vae.config.ModelConfig` fields a subclass sets besides the VAE's (its ``kind``, ...)."""
+        return {}
 
     @classmethod
     def from_config(cls, config: ModelConfig, input_dim: int, image_shape: Sequence[int] | None = None) -> VAE:
@@ -215,10 +236,10 @@ class VAE(nn.Module):
     def _param_sites(self, program: str) -> list[tuple[str, torch.Tensor]]:
         # Cached because named_parameters() costs tens of microseconds per call on the hot path; invalidated by
         # _apply (.to(), .cuda(), .double(), ...), which may swap the parameter tensors.
-        if program not in _PARAM_GROUPS:
-            raise unknown_choice("Pyro program", program, _PARAM_GROUPS)
+        if program not in self.param_groups:
+            raise unknown_choice("Pyro program", program, self.param_groups)
         sites = []
-        for prefix in _PARAM_GROUPS[program]:
+        for prefix in self.param_groups[program]:
             for name, p in getattr(self, prefix).named_parameters():
                 tag_module_param(p, f"{prefix}.{name}")  # the name orders SingleOptimizer's state
                 sites.append((f"{prefix}.{name}", p))
@@ -254,12 +275,12 @@ class VAE(nn.Module):
         The wrappers are not submodules: ``state_dict`` and ``parameters()`` are unchanged, so checkpoints stay
         the same with and without them. Pass ``name=None`` to remove a route.
 
-        :raises ConfigError: for a name that is not one of ``prior``, ``encoder``, ``decoder``, ``family``,
-            ``likelihood``.
+        :raises ConfigError: for a name that is not in :attr:`routable` (``prior``, ``encoder``, ``decoder``,
+            ``family``, ``likelihood``; a labelled model adds its own).
         """
         for name in wrappers:
-            if name not in _ROUTABLE:
-                raise unknown_choice("routable submodule", name, _ROUTABLE)
+            if name not in self.routable:
+                raise unknown_choice("routable submodule", name, self.routable)
         for name, wrapper in wrappers.items():
             module = getattr(self, name)
             if isinstance(module.__dict__.get("forward"), _Route):

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 from pyro.distributions.util import detach
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import TraceEnum_ELBO, ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled
 from pyro.util import check_if_enumerated, warn_if_nan
@@ -269,16 +269,29 @@ def objective_names() -> list[str]:
     return sorted(_OBJECTIVES)
 
 
-def make_objective(name: str = "trace", num_particles: int = 1) -> ELBO:
+def make_objective(name: str = "trace", num_particles: int = 1, *, enumerate: bool = False) -> ELBO:
     """Build a Pyro ELBO from a spec.
 
     :param str name: ``name[:k[:estimator]]`` with ``name`` one of :func:`objective_names`, e.g. ``"trace"``,
         ``"iwae:5"`` or ``"iwae:5:dreg"``.
     :param int num_particles: samples of z per data point per step (vectorised when > 1); a k in the spec sets it
         instead, and the two may not disagree.
+    :param bool enumerate: the guide enumerates a discrete site (M2's y): ``trace`` becomes
+        :class:`~pyro.infer.TraceEnum_ELBO`, which sums it out exactly; the other objectives are refused.
     :raises ConfigError: for an unknown name or estimator, a malformed spec, or conflicting particle counts.
     """
     spec = parse_objective_spec(name)
+    if enumerate:
+        if spec.name != "trace":
+            raise ConfigError(
+                f"a model that enumerates a discrete site trains with objective 'trace' (TraceEnum_ELBO), not {name!r}"
+            )
+        k = spec.num_particles or num_particles
+        # A step whose images are all labelled has nothing to enumerate: legitimate, so no warning about it.
+        return TraceEnum_ELBO(
+            num_particles=k, vectorize_particles=k > 1, max_plate_nesting=MAX_PLATE_NESTING,
+            strict_enumeration_warning=False,
+        )  # fmt: skip
     if spec.name not in _OBJECTIVES:
         raise unknown_choice("objective", spec.name, _OBJECTIVES)
     check_int("num_particles", num_particles, low=1)

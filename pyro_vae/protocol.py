@@ -73,6 +73,9 @@ class Protocol(NamedTuple):
     #: The likelihood's clamp ε (``beta``: observations scored at ``clamp(x, ε, 1 − ε)``), ``None`` for the others
     #: and for records written before the field existed.
     clamp: float | None = None
+    #: What the bounds estimate: ``"log p(x)"``, or ``"log p(x | y)"`` for a conditional model given the labels (a
+    #: CVAE's numbers are not comparable with a VAE's).
+    target: str = "log p(x)"
 
     def mismatches(self, other: Protocol) -> list[str]:
         """``["field: mine vs other", ...]`` for every field that differs."""
@@ -85,6 +88,7 @@ class Protocol(NamedTuple):
             f"likelihood={self.likelihood}"
             + ("" if self.clamp is None else f" (clamped to [{self.clamp:g}, 1 − {self.clamp:g}])")
             + f", k={','.join(map(str, self.ks))}"
+            + ("" if self.target == "log p(x)" else f", bounds on {self.target}")
         )
 
 
@@ -129,6 +133,8 @@ class EvalResult(NamedTuple):
     :ivar active_directions: eigenvalues of :math:`\operatorname{Cov}_x(\mathbb{E}_q[z])` above the threshold, the
         rotation-invariant count of active dimensions (:func:`pyro_vae.evaluation.active_directions`); ``None`` in
         records written before it existed.
+    :ivar accuracy: the share of images whose most probable class under q(y | x) is their label ± standard error,
+        for a model with a classifier (M2); ``None`` otherwise.
     """
 
     protocol: Protocol
@@ -144,6 +150,7 @@ class EvalResult(NamedTuple):
     seed: int
     bits_rule: str = "discrete"
     active_directions: int | None = None
+    accuracy: MeanSE | None = None
 
     @property
     def num_images(self) -> int:
@@ -196,6 +203,8 @@ class EvalResult(NamedTuple):
             "input_dim": self.input_dim,
             "eval_seed": self.seed,
             "bits_rule": self.bits_rule,
+            "accuracy": None if self.accuracy is None else self.accuracy.mean,
+            "accuracy_se": None if self.accuracy is None else self.accuracy.se,
         }
 
     @classmethod
@@ -229,6 +238,7 @@ class EvalResult(NamedTuple):
                 seed=record["eval_seed"],
                 bits_rule=_recorded(record, cls, "bits_rule"),
                 active_directions=record.get("active_directions"),  # absent from records written before it
+                accuracy=None if record.get("accuracy") is None else MeanSE(record["accuracy"], record["accuracy_se"]),
             )
         except (KeyError, TypeError) as err:
             raise DataError(f"not an evaluation record written by EvalResult.to_json: missing or bad {err}") from None
@@ -243,12 +253,15 @@ class EvalResult(NamedTuple):
             ("  reconstruction", str(self.reconstruction), ""),
             (f"  KL ({self.kl_method.replace('_', ' ')})", str(self.kl), ""),
         ]
-        rows += [(f"log p(x), k={b.k}", str(b.log_px), bpd(b.bits_per_dim)) for b in self.bounds]
-        rows.append(("NLL", str(self.nll), ""))
+        target = self.protocol.target
+        rows += [(f"{target}, k={b.k}", str(b.log_px), bpd(b.bits_per_dim)) for b in self.bounds]
+        rows.append(("NLL" if target == "log p(x)" else f"-{target}", str(self.nll), ""))
         latent_dim = len(self.latent_activity)
         rows.append(("active units", f"{self.active_units} of {latent_dim}", ""))
         directions = "n/a" if self.active_directions is None else f"{self.active_directions} of {latent_dim}"
         rows.append(("active directions", directions, ""))
+        if self.accuracy is not None:
+            rows.append(("accuracy of q(y|x)", str(self.accuracy), ""))
         return rows
 
     def table(self) -> str:

@@ -105,29 +105,32 @@ class TrainStep:
         model, guide = vae.model, vae.guide
         self.kl_schedule: KLSchedule | None = make_schedule(config.kl_schedule)
         if self.kl_schedule is not None:
-            model, guide = kl_scaled(model, guide, self.kl_schedule)  # weights the latent site of both programs
+            model, guide = kl_scaled(model, guide, self.kl_schedule, vae.latent_sites)  # both programs' latents
             unfinished = self.kl_schedule.unfinished_warning(total_steps) if total_steps is not None else None
             if unfinished is not None:  # INFO: legal, and the short smoke runs of tutorials and tests would be noisy
                 logger.info(unfinished)
-        self.objective = make_objective(config.objective, config.num_particles)
+        self.objective = make_objective(config.objective, config.num_particles, enumerate=vae.enumerates)
         self.svi = GuardedSVI(model, guide, self.optimizer, self.objective)
         self._validate = True
         self.compiled: CompiledStep | None = None
         self._compile_pending = config.compile
         self._first_batch = 0
 
-    def step(self, x: torch.Tensor, index: torch.Tensor | None = None) -> float:
+    def step(self, x: torch.Tensor, index: torch.Tensor | None = None, **labels) -> float:
         """One SVI step on the minibatch ``x``, then one step of the KL schedule.
 
         :param x: images ``(B, D)``, binarised as the likelihood needs.
         :param index: ``(B,)`` positions of the rows of ``x`` among the ``num_data`` images (default ``arange(B)``);
             they are the plate's subsample indices.
+        :param labels: what a model with labels reads besides the images (:mod:`pyro_vae.labelled`): ``y=`` the
+            labels of ``x``, and for M2 ``labelled=`` the step's :class:`~pyro_vae.labelled.LabelledPart`.
         :returns: the loss in nats per image: the minibatch's negative ELBO estimate (scaled to the data set by
-            N / B) divided by ``num_data``, or by B when ``num_data`` is ``None``. NaN for a skipped batch.
+            N / B) divided by ``num_data`` (plus the labelled set's size in a mixed M2 step), or by B when
+            ``num_data`` is ``None``. NaN for a skipped batch.
         :raises NonFiniteLossError: for a non-finite loss, gradient or value, unless it is skipped.
         """
         if self._validate:
-            return self._first_step(x, index)
+            return self._first_step(x, index, labels)
         if self._compile_pending:
             self._build_compiled(x)
         with pyro.validation_enabled(False):
@@ -135,15 +138,20 @@ class TrainStep:
                 index = index if index is not None else torch.arange(x.shape[0], device=x.device)
                 loss = self.compiled(x, index) / (self.num_data or x.shape[0])  # nats per image
             else:
-                loss = self.svi.step(x, self.num_data, index) / (self.num_data or x.shape[0])  # nats per image
+                loss = self.svi.step(x, self.num_data, index, **labels) / self._images(x, labels)  # nats per image
         if self.kl_schedule is not None:
             self.kl_schedule.step()
         return loss
 
-    def _first_step(self, x: torch.Tensor, index: torch.Tensor | None) -> float:
+    def _images(self, x: torch.Tensor, labels: dict) -> int:
+        """The images the loss sums over: N (or B), plus the labelled set's N_l in a mixed M2 step."""
+        labelled = labels.get("labelled")
+        return (self.num_data or x.shape[0]) + (labelled.num_data if labelled is not None else 0)
+
+    def _first_step(self, x: torch.Tensor, index: torch.Tensor | None, labels: dict) -> float:
         self._check_batch(x, index)
         with pyro.validation_enabled(True):
-            loss = self.svi.step(x, self.num_data, index) / (self.num_data or x.shape[0])  # nats per image
+            loss = self.svi.step(x, self.num_data, index, **labels) / self._images(x, labels)  # nats per image
         self._validate = False
         self._first_batch = x.shape[0]
         logger.info("first step checked with Pyro validation; later steps run with validation off")

@@ -36,7 +36,6 @@ from pyro_vae.checkpoint import Progress, TrainingState, capture_rng, environmen
 from pyro_vae.config import RunConfig
 from pyro_vae.data import (
     Dataset,
-    EpochBatches,
     binarize_eval,
     check_batch_size,
     check_dataset,
@@ -46,10 +45,12 @@ from pyro_vae.data import (
 )
 from pyro_vae.distributed import combine_mean_se, ddp, noise_seed, resolve_device, session, sum_over_ranks
 from pyro_vae.errors import ConfigError, NonFiniteLossError
-from pyro_vae.evaluation import ELBOResult, evaluate_elbo
+from pyro_vae.evaluation import ELBOResult
+from pyro_vae.labelled.training import check_label_inputs, epoch_evaluation, step_labels, training_data
 from pyro_vae.model import VAE
 from pyro_vae.run_dir import RunDir
 from pyro_vae.run_dir.opening import open_run
+from pyro_vae.stats import MeanSE
 from pyro_vae.step import TrainStep
 
 logger = logging.getLogger(__name__)
@@ -184,17 +185,11 @@ class _Loop:
         if self.resumed is not None:
             self._check_resumable(force)
         vae.to(self.device)
-        self.n_train = data.x_train.shape[0]
         self.x_test = binarize_eval(data.x_test, dc.binarize, tc.seed, dc.threshold).to(self.device)
-        self.batch_source = EpochBatches(
-            data.x_train.to(self.device),
-            batch_size=tc.batch_size,
-            seed=tc.seed,
-            binarize=dc.binarize,
-            threshold=dc.threshold,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
+        self.y_test = None if data.y_test is None or vae.kind == "vae" else data.y_test.to(self.device)
+        # The images and labels each step reads (pyro_vae.labelled.training: the VAE's are the training images).
+        self.training = training_data(vae, data, config, self.device, self.rank, self.world_size)
+        self.batch_source, self.n_train = self.training.batches, self.training.num_data
         self.n_batches = len(self.batch_source)
         self.losses: list[float] = []
         self.records: list[EpochRecord] = []
@@ -247,7 +242,7 @@ class _Loop:
     # -- the step and the epoch ------------------------------------------------------------------------------------
     def train_on(self, batch) -> StepState:
         try:
-            loss = self.train_step.step(batch.x, batch.index)
+            loss = self.train_step.step(batch.x, batch.index, **self._labels(batch))
         except NonFiniteLossError as err:
             raise self._nonfinite_in_context(err, batch) from err
         self.losses.append(loss)
@@ -255,6 +250,10 @@ class _Loop:
         self._began = time.perf_counter()
         self.position = Progress(batch.epoch, batch.step + 1, self.step + 1, False, seconds)
         return StepState(batch.epoch, batch.step, self.step, loss, self.vae, self.train_step.optimizer, self._path())
+
+    def _labels(self, batch) -> dict:
+        labelled = self.training.labelled
+        return step_labels(self.vae, batch, None if labelled is None else labelled.n)
 
     def epoch_owed(self, epoch: int) -> bool:
         """Whether this epoch's record is due: it trained at least one step here, or it was resumed in its middle
@@ -265,7 +264,7 @@ class _Loop:
     def end_epoch(self, epoch: int) -> EpochRecord:
         seconds = self._seconds()
         with pyro.validation_enabled(False):  # non-finite weights are the guard's to report, not a ValueError's
-            result = _evaluate(self.vae, self.x_test, self.config.train.seed, self.ctx)
+            result, accuracy = _evaluate(self.vae, self.x_test, self.y_test, self.config.train.seed, self.ctx)
         if not math.isfinite(result.elbo.mean):
             latest = self.run.latest() if self.run is not None else None
             raise NonFiniteLossError(
@@ -279,7 +278,7 @@ class _Loop:
         step = self.train_step
         record = EpochRecord(
             epoch, self.step, -total / max(count, 1), result.elbo, result.reconstruction, result.kl, seconds,
-            step.grad_norm, step.kl_weight, self.config.train.lr,
+            step.grad_norm, step.kl_weight, self.config.train.lr, None if accuracy is None else accuracy.mean,
         )  # fmt: skip
         self.records.append(record)
         logger.info("epoch %d: train ELBO %.2f, test ELBO %s", epoch, record.train_elbo, record.test_elbo)
@@ -416,6 +415,7 @@ def _check_inputs(vae: VAE, data: Dataset, config: RunConfig, callbacks: Sequenc
     if sum(isinstance(cb, EarlyStopping) for cb in callbacks) + (config.train.early_stop is not None) > 1:
         raise ConfigError("early stopping is given twice; set train.early_stop or pass one EarlyStopping callback")
     vae.check_data_shape(data.input_dim, data.image_shape)
+    check_label_inputs(vae, data, config)
     check_batch_size(data.x_train.shape[0], config.train.batch_size)
     check_likelihood_data(data, config.data.binarize, vae.likelihood)
 
@@ -438,13 +438,15 @@ def _consistent_config(vae: VAE, config: RunConfig | None) -> RunConfig:
     return config
 
 
-def _evaluate(vae: VAE, x_test: torch.Tensor, seed: int, ctx) -> ELBOResult:
-    """Test ELBO; under torchrun each rank evaluates its shard of the test images and the means and standard errors
-    are combined across ranks."""
+def _evaluate(vae: VAE, x_test: torch.Tensor, y_test, seed: int, ctx) -> tuple[ELBOResult, MeanSE | None]:
+    """Test ELBO (and M2's accuracy); under torchrun each rank evaluates its shard of the test images and the means
+    and standard errors are combined across ranks."""
     if ctx is None:
-        return evaluate_elbo(vae, x_test, seed=seed)
+        return epoch_evaluation(vae, x_test, y_test, seed)
     shard = x_test[ctx.rank :: ctx.world_size]
+    labels = None if y_test is None else y_test[ctx.rank :: ctx.world_size]
     with vae.unrouted():  # no collectives inside: ranks may evaluate different numbers of images
-        part = evaluate_elbo(vae, shard, seed=noise_seed(seed, ctx.rank))
+        part, accuracy = epoch_evaluation(vae, shard, labels, noise_seed(seed, ctx.rank))
     n = shard.shape[0]
-    return ELBOResult(*(combine_mean_se(v, n) for v in (part.elbo, part.reconstruction, part.kl)), x_test.shape[0])
+    combined = ELBOResult(*(combine_mean_se(v, n) for v in (part.elbo, part.reconstruction, part.kl)), x_test.shape[0])
+    return combined, None if accuracy is None else combine_mean_se(accuracy, n)

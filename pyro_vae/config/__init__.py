@@ -40,6 +40,7 @@ __all__ = [
     "DEVICES",
     "DIST_BACKENDS",
     "INT64_MAX",
+    "MODEL_KINDS",
     "NONFINITE_POLICIES",
     "SECTIONS",
     "SEED_MAX",
@@ -65,6 +66,9 @@ DIST_BACKENDS = ("auto", "gloo", "nccl")
 #: What training does on a non-finite loss or gradient (see :class:`pyro_vae.optim.SingleOptimizer`).
 NONFINITE_POLICIES = ("raise", "skip")
 ACTIVATIONS = ("silu", "relu", "gelu", "tanh", "softplus")
+#: The models (``--model``): the VAE, the conditional VAE (Sohn et al. 2015) and the semi-supervised M2 (Kingma et al.
+#: 2014); the last two read labels (:mod:`pyro_vae.labelled`).
+MODEL_KINDS = ("vae", "cvae", "m2")
 #: The priors with a closed-form KL against Gaussian guides, the only ones the ``meanfield`` objective and the
 #: ``free_bits`` KL schedule take (those whose class says ``standard_normal``; a test checks this against
 #: :mod:`pyro_vae.priors`, which config may not import).
@@ -100,6 +104,9 @@ class DataConfig:
     )
     n_train: int | None = option(None, "use only the first N training images (default: all)", low=1)
     n_test: int | None = option(None, "use only the first N test images (default: all)", low=1)
+    labelled: int | None = option(
+        None, "--model m2/cvae: keep labels for N training images, stratified per class (default: all)", low=1
+    )
 
     def __post_init__(self):
         check_fields(self)
@@ -149,9 +156,27 @@ class ModelConfig:
         high=4096,
         why="a 4096→4096 3×3 layer is 600 MB of weights",
     )
+    kind: str = option("vae", "vae, cvae (conditional on labels) or m2 (semi-supervised)", choices=MODEL_KINDS,
+                       what="model", flag="--model")  # fmt: skip
+    num_classes: int | None = option(
+        None, "classes of a cvae/m2 (default: from the data's labels)", low=2, high=100_000, why="one-hot inputs"
+    )
+    aux_weight: float | None = option(
+        None, "m2: weight α of the classification loss α·log q(y|x) on labelled images (default 0.1·N)", low=0.0
+    )
 
     def __post_init__(self):
         check_fields(self)
+        labelled = self.kind != "vae"
+        if self.num_classes is not None and not labelled:
+            raise ConfigError("num_classes belongs to --model cvae or m2; a plain VAE has no classes: drop it")
+        if self.aux_weight is not None and self.kind != "m2":
+            raise ConfigError(f"aux_weight weighs M2's classifier; --model {self.kind} has none: drop --aux-weight")
+        if labelled and parse_component_spec(self.prior, "prior").name == "vamp":
+            raise ConfigError(
+                f"the VampPrior mixes q(z | x) over pseudo-inputs, but --model {self.kind} encodes q(z | x, y); "
+                "use --prior standard, mog:K or flow:K"
+            )
 
 
 @dataclass(frozen=True)
@@ -215,6 +240,9 @@ class TrainConfig:
     early_stop: int | None = option(None, "stop after N epochs without a better test ELBO", low=1, resume="free")
     early_stop_min_delta: float = option(0.0, "the test ELBO gain (nats) that counts as better", low=0.0, resume="free")
     compile: bool = option(False, "compile the training step", resume="free")
+    labelled_batch: int | None = option(
+        None, "m2: labelled images in every step besides --batch-size unlabelled ones (default batch_size // 4)", low=1
+    )
 
     def __post_init__(self):
         check_fields(self)
@@ -237,6 +265,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        self._check_labels()
         # The likelihood/data rule of pyro_vae.config.data_kinds, applied where the config alone tells the data's kind
         # (binarised, or a built-in grey data set); an npz file is checked once loaded (check_likelihood_data).
         kind = known_data_kind(self.data.binarize, self.data.dataset)
@@ -255,6 +284,28 @@ class RunConfig:
                     f"the free_bits KL schedule needs the KL of each latent dimension, which prior "
                     f"{self.model.prior!r} does not factorise into; use another --kl-schedule, or --prior {standard}"
                 )
+
+    def _check_labels(self) -> None:
+        """The options that only a model with labels reads, and what such a model cannot train with."""
+        kind = self.model.kind
+        if self.data.labelled is not None and kind == "vae":
+            raise ConfigError(
+                "--labelled chooses the labelled images of a model that reads labels; the plain VAE reads none: "
+                "pass --model m2 (or cvae), or drop --labelled"
+            )
+        if self.train.labelled_batch is not None and kind != "m2":
+            raise ConfigError(f"--labelled-batch sets M2's labelled images per step; --model {kind} has no such mix")
+        if kind == "m2" and parse_objective_spec(self.train.objective).name != "trace":
+            raise ConfigError(
+                f"--model m2 sums the unlabelled y out by enumeration (TraceEnum_ELBO), which objective "
+                f"{self.train.objective!r} does not do; use --objective trace (or trace:K)"
+            )
+        schedule = self.train.kl_schedule
+        if kind != "vae" and schedule is not None and parse_schedule_spec(schedule).name == "free_bits":
+            raise ConfigError(
+                f"the free_bits KL schedule is for the plain VAE; with --model {kind} use linear:STEPS, "
+                "constant:BETA or cyclical:PERIOD"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready nested dict."""

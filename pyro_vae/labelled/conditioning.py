@@ -1,0 +1,171 @@
+"""How a label reaches the networks: one-hot codes appended to their inputs, and any batch shape.
+
+A model with labels conditions two networks on y:
+
+* the encoder of q(z | x, y) reads ``[x, onehot(y)]``: for a network that sees flat vectors (``mlp``) the C one-hot
+  values are appended to the D pixels; for one that sees images (``conv``) they are appended as C constant
+  channels, so that every filter sees the label;
+* the decoder of p(x | z, y) reads ``[z, onehot(y)]``, a code of L + C numbers, whatever the network.
+
+The networks themselves are the registered ones (:func:`pyro_vae.networks.make_networks`), built for the wider
+inputs; nothing here is specific to a network. Under parallel enumeration y arrives with an extra leading dimension
+(``(C, 1)`` against a batch ``(B,)``): :func:`apply_flat` runs a network on any batch shape by flattening it, and
+:class:`BatchReshaped` gives the guide family's distribution back the batch shape of its inputs, so every
+registered guide family works as q(z | x, y) unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pyro_vae.networks import make_networks
+
+__all__ = ["BatchReshaped", "ConditionalInput", "apply_flat", "build_classifier", "build_conditional_networks", "joined", "one_hot"]
+
+#: Networks that read an image as a flat vector: their label goes in as C extra numbers, not C extra channels.
+FLAT_NETWORKS = ("mlp",)
+
+
+def one_hot(y: torch.Tensor, num_classes: int, like: torch.Tensor) -> torch.Tensor:
+    """``onehot(y)`` of ``like``'s dtype and device: ``(..., C)`` for integer labels ``y`` of any shape."""
+    return F.one_hot(y.long(), num_classes).to(dtype=like.dtype, device=like.device)
+
+
+def apply_flat(net: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``net`` on inputs ``(*batch, W)`` of any batch shape: flattened to ``(prod(batch), W)``, run, and given the batch
+    shape back, so that networks written for ``(B, W)`` (convolutions reshape their input) take enumerated labels."""
+    batch = inputs.shape[:-1]
+    out = net(inputs.reshape(-1, inputs.shape[-1]))
+    return out.reshape(*batch, out.shape[-1])
+
+
+def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[a, b]`` along the last dimension after broadcasting their batch shapes."""
+    batch = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    return torch.cat([a.expand(*batch, a.shape[-1]), b.expand(*batch, b.shape[-1])], dim=-1)
+
+
+class ConditionalInput(nn.Module):
+    """``(x, onehot(y)) → `` the encoder's input: appended values for a flat network, constant channels for an image
+    network (``image_shape`` ``(C_img, H, W)``)."""
+
+    def __init__(self, image_shape: tuple[int, ...] | None):
+        super().__init__()
+        self.image_shape = image_shape
+
+    def forward(self, x: torch.Tensor, y_code: torch.Tensor) -> torch.Tensor:
+        if self.image_shape is None:
+            return joined(x, y_code)
+        pixels = math.prod(self.image_shape[1:])
+        # (..., K) one-hot → (..., K·H·W): channel k is the constant y_k over the image (channel-first rows).
+        planes = y_code.unsqueeze(-1).expand(*y_code.shape, pixels).reshape(*y_code.shape[:-1], -1)
+        return joined(x, planes)
+
+
+def build_conditional_networks(
+    name: str,
+    *,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    latent_dim: int,
+    num_params: int,
+    output_dim: int,
+    hidden_dims: Sequence[int],
+    activation: str,
+    conv_channels: Sequence[int],
+) -> tuple[nn.Module, nn.Module, ConditionalInput]:
+    """Build the registered pair ``name`` for inputs conditioned on one of ``num_classes`` labels.
+
+    :returns: ``(encoder, decoder, conditional_input)``: the encoder takes ``conditional_input(x, onehot(y))``, the
+        decoder ``[z, onehot(y)]``.
+    """
+    flat = name in FLAT_NETWORKS or len(input_shape) != 3
+    if flat:
+        encoder_shape = (math.prod(input_shape) + num_classes,)
+    else:
+        encoder_shape = (input_shape[0] + num_classes, *input_shape[1:])
+    common = {"num_params": num_params, "hidden_dims": hidden_dims, "activation": activation}
+    encoder = make_networks(
+        name, input_shape=encoder_shape, latent_dim=latent_dim + num_classes, output_dim=output_dim,
+        conv_channels=conv_channels, **common,
+    ).encoder  # fmt: skip
+    decoder = make_networks(
+        name, input_shape=input_shape, latent_dim=latent_dim + num_classes, output_dim=output_dim,
+        conv_channels=conv_channels, **common,
+    ).decoder  # fmt: skip
+    return encoder, decoder, ConditionalInput(None if flat else tuple(input_shape))
+
+
+def build_classifier(
+    name: str, *, input_shape: tuple[int, ...], num_classes: int, hidden_dims: Sequence[int], activation: str,
+    conv_channels: Sequence[int],
+) -> nn.Module:  # fmt: skip
+    """The classifier network of q(y | x): the registered encoder ``name`` with ``num_classes`` outputs (logits)."""
+    return make_networks(
+        name, input_shape=input_shape, latent_dim=1, num_params=num_classes, output_dim=1, hidden_dims=hidden_dims,
+        activation=activation, conv_channels=conv_channels,
+    ).encoder  # fmt: skip
+
+
+class BatchReshaped(dist.TorchDistribution):
+    """A distribution over ``(*batch, *event)`` made from one over ``(prod(batch), *event)``: the guide family ran on
+    flattened inputs (:func:`apply_flat`) and this gives its distribution the inputs' batch shape back.
+
+    Sampling is reparameterised when the base's is; ``log_prob`` flattens the value's batch dimensions, scores, and
+    restores them (extra leading sample dimensions are kept).
+    """
+
+    arg_constraints = {}
+
+    def __init__(self, base: dist.TorchDistribution, batch_shape: torch.Size, validate_args=None):
+        self.base = base
+        # The last sample and the base's tensor it was reshaped from: flows score their own samples from a cache
+        # keyed by the very tensor they returned (planar, radial, ...), so log_prob hands that tensor back.
+        self._drawn: tuple[torch.Tensor, torch.Tensor] | None = None
+        super().__init__(torch.Size(batch_shape), base.event_shape, validate_args=False)
+
+    @property
+    def has_rsample(self) -> bool:
+        return self.base.has_rsample
+
+    @property
+    def support(self):
+        return self.base.support
+
+    def _lift(self, value: torch.Tensor) -> torch.Tensor:
+        return value.reshape(*value.shape[: value.dim() - len(self.event_shape) - 1], *self.batch_shape, *self.event_shape)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        drawn = self.base.rsample(sample_shape)
+        self._drawn = (self._lift(drawn), drawn)
+        return self._drawn[0]
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        drawn = self.base.sample(sample_shape)
+        self._drawn = (self._lift(drawn), drawn)
+        return self._drawn[0]
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        n_batch, n_event = len(self.batch_shape), len(self.event_shape)
+        lead = value.shape[: value.dim() - n_batch - n_event]
+        if self._drawn is not None and value is self._drawn[0]:
+            flat = self._drawn[1]
+        else:
+            flat = value.reshape(*lead, math.prod(self.batch_shape), *self.event_shape)
+        return self.base.log_prob(flat).reshape(*lead, *self.batch_shape)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.base.mean.reshape(*self.batch_shape, *self.event_shape)
+
+    def expand(self, batch_shape, _instance=None):
+        # A plate asks for the shape it already has; anything else would need the base re-run on more inputs.
+        if torch.Size(batch_shape) == self.batch_shape:
+            return self
+        raise NotImplementedError(f"BatchReshaped of batch shape {tuple(self.batch_shape)} cannot expand to {tuple(batch_shape)}")
