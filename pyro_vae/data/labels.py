@@ -228,11 +228,14 @@ class MixedBatches:
 
         step s, rank r:  stream[s·W·B_l + r + W·i]  for i = 0 .. B_l - 1
 
-    so with one process step ``s`` takes ``stream[s·B_l : (s+1)·B_l]``, each labelled image comes once per ``N_l``
-    positions, and ranks share out each step's positions without overlap (across ranks one step may repeat an image
-    only when ``W·B_l > N_l``). Labelled images are binarised like the unlabelled ones but with their own draws:
-    ``derive_seed("dynamic-labelled", seed, epoch, step, rank)`` for ``dynamic``, ``derive_seed("static-labelled",
-    seed)`` for ``static`` (see :class:`~pyro_vae.data.batches.Binarizer`).
+    so with one process step ``s`` takes ``stream[s·B_l : (s+1)·B_l]``, each labelled image comes once in each cycle
+    of ``N_l`` positions, and the ranks share out each step's positions without overlap. A step whose positions
+    straddle two cycles may hold one image twice (the end of one permutation meets the start of the next), as may
+    the ranks of one step together; every labelled image comes equally often in expectation.
+
+    Labelled images are binarised like the unlabelled ones but with their own draws: ``derive_seed("dynamic-labelled",
+    seed, epoch, step, rank)`` for ``dynamic``, ``derive_seed("static-labelled", seed)`` for ``static`` (see
+    :class:`~pyro_vae.data.batches.Binarizer`).
 
     Everything is a pure function of ``(seed, epoch, step, rank)``: ``list(batches(e, start=k)) ==
     list(batches(e))[k:]``, pixels included.
