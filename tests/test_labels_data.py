@@ -482,3 +482,24 @@ def test_from_a_labelled_npz_to_mixed_batches(tmp_path):
     assert labels_fingerprint(data.y_train, index) != labels_fingerprint(
         data.y_train, select_labelled(data.y_train, 8, c, seed=2)
     )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_labelled_batches_on_cuda_stay_on_the_device_and_resume(mixed_data):
+    cuda = tuple(t.cuda() for t in mixed_data)
+    x_u, x_l, y_l = cuda
+    for b in EpochBatches(x_u, batch_size=4, seed=0, binarize="dynamic", y=torch.arange(N_U).cuda()).batches(0):
+        assert b.y.is_cuda and torch.equal(b.y, b.index)
+    for binarize in ("dynamic", "static"):
+        full = list(mixed(cuda, binarize=binarize).batches(1))
+        assert all(t.is_cuda for b in full for t in (b.x, b.index, b.labelled.x, b.labelled.index, b.labelled.y))
+        assert_batches_equal(list(mixed(cuda, binarize=binarize).batches(1, start=4)), full[4:])
+        assert torch.equal(
+            torch.cat([b.labelled.index for b in full]).cpu(),
+            torch.cat([b.labelled.index for b in mixed(mixed_data, binarize=binarize).batches(1)]),
+        )  # same order as on the CPU
+    data = toy([0, 1, 2, 0, 1, 2], [0])
+    data = Dataset(**{**vars(data), "x_train": data.x_train.cuda(), "y_train": data.y_train.cuda()})
+    split = split_labelled(data, select_labelled(data.y_train, 3, num_classes(data), seed=0))
+    assert split.x_labelled.is_cuda and split.y_labelled.is_cuda and split.x_unlabelled.is_cuda
