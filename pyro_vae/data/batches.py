@@ -42,10 +42,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Batch",
+    "Binarizer",
     "EpochBatches",
     "binarization_seed",
     "binarize_eval",
     "check_batch_size",
+    "check_labels",
     "check_likelihood_data",
     "data_kind",
     "derive_seed",
@@ -127,12 +129,79 @@ class Batch(NamedTuple):
     :param torch.Tensor x: ``(B, D)`` images, binarised according to the protocol, on the data's device.
     :param int epoch: the epoch the batch belongs to.
     :param int step: the batch's position within the epoch (on this rank), from 0.
+    :param y: ``(B,)`` int64 labels of the rows of ``x``, on the data's device; ``None`` (default) for unlabelled
+        rows.
+    :param labelled: the labelled part of a mixed (semi-supervised) step, itself a :class:`Batch` whose ``index``
+        holds positions in the labelled set and whose ``y`` is set (see :class:`~pyro_vae.data.MixedBatches`);
+        ``None`` (default) otherwise.
     """
 
     index: torch.Tensor
     x: torch.Tensor
     epoch: int
     step: int
+    y: torch.Tensor | None = None
+    labelled: Batch | None = None
+
+
+class Binarizer:
+    """The one place for the binarisation rule of training images (see the module docstring).
+
+    ``static`` and ``threshold`` are applied once, here, to the whole set; ``dynamic`` draws afresh for each batch in
+    :meth:`batch`. ``stream`` keeps the draws of two image sets of one run apart: the training set of a plain run is
+    stream ``""`` (tags ``"static"``, ``"dynamic"``), the labelled set of a semi-supervised run stream ``"labelled"``
+    (tags ``"static-labelled"``, ``"dynamic-labelled"``), so that no two images share their Bernoulli noise.
+
+    :param torch.Tensor x: ``(N, D)`` float images in ``[0, 1]``, on any device.
+    :param str binarize: one of :data:`pyro_vae.config.BINARIZATIONS`.
+    :param int seed: run seed.
+    :param float threshold: cut-off for ``threshold``, default 0.5.
+    :param str stream: which image set of the run ``x`` is, default ``""``.
+    :raises ConfigError: for an unknown ``binarize`` or a bad ``threshold``.
+    """
+
+    def __init__(self, x: torch.Tensor, *, binarize: str, seed: int, threshold: float = 0.5, stream: str = ""):
+        _check_binarize(binarize)
+        check_float("threshold", threshold, low=0.0, high=1.0, open_low=True, open_high=True)
+        self.binarize = binarize
+        self.seed = seed
+        self.device = x.device
+        suffix = f"-{stream}" if stream else ""
+        self._dynamic_tag = "dynamic" + suffix
+        if binarize == "static":
+            self.data = torch.bernoulli(x, generator=_generator(x.device, derive_seed("static" + suffix, seed)))
+        elif binarize == "threshold":
+            self.data = (x > threshold).to(x.dtype)
+        else:
+            self.data = x
+
+    def batch(self, index: torch.Tensor, epoch: int, step: int, rank: int) -> torch.Tensor:
+        """The binarised rows ``index`` (on the data's device) of step ``step`` of ``epoch`` on ``rank``: ``(B, D)``;
+        ``dynamic`` draws from ``derive_seed(tag, seed, epoch, step, rank)``."""
+        x = self.data.index_select(0, index)
+        if self.binarize == "dynamic":
+            seed = derive_seed(self._dynamic_tag, self.seed, epoch, step, rank)
+            x = torch.bernoulli(x, generator=_generator(self.device, seed))
+        return x
+
+
+def check_labels(y: torch.Tensor, n: int | None, *, what: str = "y") -> torch.Tensor:
+    """Refuse labels that are not an int64 ``(n,)`` tensor, one per image (``n=None``: any length).
+
+    Labels loaded by :func:`~pyro_vae.data.load_dataset` already are; this guards tensors passed by hand.
+
+    :returns: ``y``.
+    :raises DataError: one line naming what came and what to do.
+    """
+    ok = isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.ndim == 1 and n in (None, y.shape[0])
+    if not ok:
+        got = f"{y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        shape = "(N,)" if n is None else f"({n},)"
+        raise DataError(
+            f"{what} is a {got} but labels must be an int64 tensor of shape {shape}, one per image; "
+            "use Dataset.y_train, or torch.as_tensor(y, dtype=torch.int64)"
+        )
+    return y
 
 
 class EpochBatches:
@@ -155,7 +224,9 @@ class EpochBatches:
         no short last batch); default ``False``: the last batch may be smaller.
     :param int rank: this process's index among ``world_size``, default 0.
     :param int world_size: number of processes sharing the data, default 1.
-    :raises DataError: if a batch is larger than the images one rank gets.
+    :param y: ``(N,)`` int64 labels of ``x``; when given, every batch carries ``y[index]`` (on ``x``'s device) as
+        :attr:`Batch.y`. Images, positions and binarisation are the same with and without labels.
+    :raises DataError: if a batch is larger than the images one rank gets, or ``y`` does not fit ``x``.
     """
 
     def __init__(
@@ -170,11 +241,13 @@ class EpochBatches:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        y: torch.Tensor | None = None,
     ):
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
             raise TypeError(f"x must be a float (N, D) tensor, got {getattr(x, 'shape', type(x).__name__)}")
         _check_binarize(binarize)
         check_float("threshold", threshold, low=0.0, high=1.0, open_low=True, open_high=True)
+        self._y = None if y is None else check_labels(y, x.shape[0]).to(x.device)
         check_int("batch_size", batch_size, low=1)
         check_int("world_size", world_size, low=1)
         check_int("rank", rank, low=0, high=world_size - 1, why=f"ranks count from 0 in a world of {world_size}")
@@ -198,12 +271,7 @@ class EpochBatches:
                 f"batch size {batch_size} exceeds the {self._shard_size} training images each of the {world_size} "
                 f"processes gets; use --batch-size {self._shard_size} or less"
             )
-        if binarize == "static":
-            self._data = torch.bernoulli(x, generator=_generator(x.device, derive_seed("static", seed)))
-        elif binarize == "threshold":
-            self._data = (x > threshold).to(x.dtype)
-        else:
-            self._data = x
+        self._binarizer = Binarizer(x, binarize=binarize, seed=seed, threshold=threshold)
 
     def len_per_epoch(self) -> int:
         """Number of batches this rank yields per epoch."""
@@ -253,11 +321,9 @@ class EpochBatches:
         size = self.batch_size
         for step in range(start, n_batches):
             index = shard[step * size : (step + 1) * size].to(self.device)
-            x = self._data.index_select(0, index)
-            if self.binarize == "dynamic":
-                seed = derive_seed("dynamic", self.seed, epoch, step, self.rank)
-                x = torch.bernoulli(x, generator=_generator(self.device, seed))
-            yield Batch(index=index, x=x, epoch=epoch, step=step)
+            x = self._binarizer.batch(index, epoch, step, self.rank)
+            y = None if self._y is None else self._y.index_select(0, index)
+            yield Batch(index=index, x=x, epoch=epoch, step=step, y=y)
 
     def __repr__(self) -> str:
         return (

@@ -16,7 +16,7 @@ import torch
 from pyro_vae.config import DEFAULT_FASHION_MNIST_DIR, DataConfig
 from pyro_vae.data.datasets import Dataset
 
-__all__ = ["DataRecord", "config_at", "data_fingerprint", "data_record", "data_source"]
+__all__ = ["DataRecord", "config_at", "data_fingerprint", "data_record", "data_source", "labels_fingerprint"]
 
 #: Where each data set is read from when ``data_dir`` is not given (mirrors :mod:`pyro_vae.data.datasets`).
 _DEFAULT_DIRS = {"fashion-mnist": DEFAULT_FASHION_MNIST_DIR, "mnist": "./data"}
@@ -40,6 +40,13 @@ class DataRecord(NamedTuple):
     path: str | None = None
 
 
+def _update(digest, tensor: torch.Tensor) -> None:
+    """Feed the shape, dtype and bytes of ``tensor`` to ``digest``: equal tensors feed equal bytes, on any device."""
+    tensor = tensor.detach().cpu().contiguous()
+    digest.update(f"{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    digest.update(tensor.view(torch.uint8).numpy())
+
+
 def data_fingerprint(data: Dataset) -> str:
     """sha256 over the shapes, dtypes and bytes of the training and test images: identifies the data a run saw.
 
@@ -47,9 +54,25 @@ def data_fingerprint(data: Dataset) -> str:
     """
     digest = hashlib.sha256()
     for x in (data.x_train, data.x_test):
-        x = x.detach().cpu().contiguous()
-        digest.update(f"{tuple(x.shape)}:{x.dtype};".encode())
-        digest.update(x.view(torch.uint8).numpy())
+        _update(digest, x)
+    return digest.hexdigest()
+
+
+def labels_fingerprint(y: torch.Tensor, index: torch.Tensor | None = None) -> str:
+    """sha256 over labels and, when given, the positions of the labelled images: identifies which images a run had
+    labels for and what those labels were, so that a run can record it and a resume can refuse other labels.
+
+    :param torch.Tensor y: ``(N,)`` int64 labels (of the whole training set, or of the labelled images only).
+    :param index: ``(n,)`` int64 positions of the labelled images among the training images, e.g. from
+        :func:`~pyro_vae.data.select_labelled`; ``None`` (default) fingerprints ``y`` alone.
+    :returns: a hex digest; it changes when one label or one position changes, and differs between ``index=None``
+        and any ``index``.
+    """
+    digest = hashlib.sha256(b"labels;")
+    _update(digest, y)
+    if index is not None:
+        digest.update(b"index;")
+        _update(digest, index)
     return digest.hexdigest()
 
 
