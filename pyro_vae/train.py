@@ -187,7 +187,6 @@ class _Loop:
         vae.to(self.device)
         self.x_test = binarize_eval(data.x_test, dc.binarize, tc.seed, dc.threshold).to(self.device)
         self.y_test = None if data.y_test is None or vae.kind == "vae" else data.y_test.to(self.device)
-        # The images and labels each step reads (pyro_vae.labelled.training: the VAE's are the training images).
         self.training = training_data(vae, data, config, self.device, self.rank, self.world_size)
         self.batch_source, self.n_train = self.training.batches, self.training.num_data
         self.n_batches = len(self.batch_source)
@@ -341,6 +340,7 @@ class _Loop:
             "global_batch": self.config.train.batch_size * self.world_size,
             "data": dict(self.data_record._asdict()),
             "resumed_from": None if self.resumed is None else {"step": self.resumed.progress.step},
+            "labelled": None if self.training.labelled is None else dict(self.training.labelled._asdict()),
         }  # fmt: skip
 
     # -- resume ----------------------------------------------------------------------------------------------------

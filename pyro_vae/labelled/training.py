@@ -20,7 +20,8 @@ import torch
 
 from pyro_vae.config import RunConfig
 from pyro_vae.data import Batch, Dataset, EpochBatches
-from pyro_vae.data.labels import MixedBatches, labels_fingerprint, num_classes, select_labelled, split_labelled
+from pyro_vae.data import labels_fingerprint
+from pyro_vae.data.labels import MixedBatches, num_classes, select_labelled, split_labelled
 from pyro_vae.errors import ConfigError
 from pyro_vae.evaluation import ELBOResult, evaluate_elbo
 from pyro_vae.labelled.evaluation import evaluate_labelled_elbo
