@@ -36,6 +36,7 @@ TUTORIALS = [
     "03_likelihoods_and_gaps.ipynb",
     "04_training_scripts.ipynb",
     "05_priors_likelihoods_networks.ipynb",
+    "06_labels.ipynb",
     "07_your_own_model.ipynb",
 ]
 

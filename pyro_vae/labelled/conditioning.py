@@ -17,14 +17,14 @@ registered guide family works as q(z | x, y) unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyro_vae.networks import make_networks
+from pyro_vae.networks import Encoder, make_networks
 
 __all__ = ["BatchReshaped", "ConditionalInput", "apply_flat", "build_classifier", "build_conditional_networks", "joined", "one_hot"]
 
@@ -37,7 +37,7 @@ def one_hot(y: torch.Tensor, num_classes: int, like: torch.Tensor) -> torch.Tens
     return F.one_hot(y.long(), num_classes).to(dtype=like.dtype, device=like.device)
 
 
-def apply_flat(net: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def apply_flat(net: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
     """``net`` on inputs ``(*batch, W)`` of any batch shape: flattened to ``(prod(batch), W)``, run, and given the batch
     shape back, so that networks written for ``(B, W)`` (convolutions reshape their input) take enumerated labels."""
     batch = inputs.shape[:-1]
@@ -66,6 +66,26 @@ class ConditionalInput(nn.Module):
         # (..., K) one-hot → (..., K·H·W): channel k is the constant y_k over the image (channel-first rows).
         planes = y_code.unsqueeze(-1).expand(*y_code.shape, pixels).reshape(*y_code.shape[:-1], -1)
         return joined(x, planes)
+
+
+def encoder_output(encoder: nn.Module, conditional_input: ConditionalInput, x: torch.Tensor, code: torch.Tensor):
+    """The encoder's raw output for ``[x, onehot(y)]``, ``(*batch, num_params)`` for ``x (B, D)`` and one-hot codes
+    whose batch shape broadcasts against ``(B,)``.
+
+    For the ``mlp`` encoder (a :class:`~pyro_vae.networks.Encoder` whose first layer is linear) the first layer is
+    split, ``W [x; y] + b = (W_x x + b) + W_y y``: ``W_x x`` is computed once per image and not once per enumerated
+    class, which under M2's enumeration of C classes saves C − 1 of the C passes through the widest layer (the same
+    numbers up to float rounding). Any other encoder reads the joined input.
+    """
+    # A routed encoder (DistributedDataParallel: an instance-level forward) must be called as a whole.
+    routed = "forward" in encoder.__dict__
+    body = encoder.body if isinstance(encoder, Encoder) else None
+    first = body[0] if body is not None and len(body) else None
+    if routed or conditional_input.image_shape is not None or not isinstance(first, nn.Linear):
+        return apply_flat(encoder, conditional_input(x, code))
+    d = x.shape[-1]
+    hidden = F.linear(x, first.weight[:, :d], first.bias) + F.linear(code, first.weight[:, d:])  # (*batch, H)
+    return apply_flat(lambda h: encoder.head(body[1:](h)), hidden)
 
 
 def build_conditional_networks(

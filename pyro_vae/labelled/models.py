@@ -48,6 +48,7 @@ from pyro_vae.labelled.conditioning import (
     apply_flat,
     build_classifier,
     build_conditional_networks,
+    encoder_output,
     joined,
     one_hot,
 )
@@ -117,8 +118,7 @@ class _Labelled(VAE):
         ``(C, 1)`` of an enumerated y): batch shape the broadcast shape, event ``(L,)``."""
         if y is None:
             y = self.default_labels(x)
-        code = one_hot(y, self.num_classes, x)
-        raw = apply_flat(self.encoder, self.conditional_input(x, code))
+        raw = encoder_output(self.encoder, self.conditional_input, x, one_hot(y, self.num_classes, x))
         return BatchReshaped(self.family(raw.reshape(-1, raw.shape[-1])), raw.shape[:-1])
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.TorchDistribution:
