@@ -55,7 +55,6 @@ from pyro_vae.priors import Prior, StandardNormal, make_prior
 __all__ = ["VAE", "StandardNormal", "posterior_mean"]  # StandardNormal lives in pyro_vae.priors; kept importable here
 
 
-
 class VAE(nn.Module):
     """A VAE whose variational family is a plug-in.
 
@@ -87,7 +86,10 @@ class VAE(nn.Module):
     """
 
     kind = "vae"
-    param_groups: dict[str, tuple[str, ...]] = {"model": ("prior", "decoder", "likelihood"), "guide": ("encoder", "family")}
+    param_groups: dict[str, tuple[str, ...]] = {
+        "model": ("prior", "decoder", "likelihood"),
+        "guide": ("encoder", "family"),
+    }
     routable: tuple[str, ...] = ("prior", "encoder", "decoder", "family", "likelihood")
     latent_sites: tuple[str, ...] = ("z",)
     enumerates = False

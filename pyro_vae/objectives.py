@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 from pyro.distributions.util import detach
-from pyro.infer import TraceEnum_ELBO, ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled
 from pyro.util import check_if_enumerated, warn_if_nan

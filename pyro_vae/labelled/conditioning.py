@@ -26,7 +26,16 @@ from torch.nn import functional as F
 
 from pyro_vae.networks import Encoder, make_networks
 
-__all__ = ["BatchReshaped", "ConditionalInput", "apply_flat", "build_classifier", "build_conditional_networks", "joined", "one_hot"]
+__all__ = [
+    "BatchReshaped",
+    "ConditionalInput",
+    "apply_flat",
+    "build_classifier",
+    "build_conditional_networks",
+    "encoder_output",
+    "joined",
+    "one_hot",
+]
 
 #: Networks that read an image as a flat vector: their label goes in as C extra numbers, not C extra channels.
 FLAT_NETWORKS = ("mlp",)
@@ -159,15 +168,16 @@ class BatchReshaped(dist.TorchDistribution):
         return self.base.support
 
     def _lift(self, value: torch.Tensor) -> torch.Tensor:
-        return value.reshape(*value.shape[: value.dim() - len(self.event_shape) - 1], *self.batch_shape, *self.event_shape)
+        lead = value.shape[: value.dim() - len(self.event_shape) - 1]  # sample dimensions
+        return value.reshape(*lead, *self.batch_shape, *self.event_shape)
 
-    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        drawn = self.base.rsample(sample_shape)
+    def rsample(self, sample_shape=()) -> torch.Tensor:
+        drawn = self.base.rsample(torch.Size(sample_shape))
         self._drawn = (self._lift(drawn), drawn)
         return self._drawn[0]
 
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        drawn = self.base.sample(sample_shape)
+    def sample(self, sample_shape=()) -> torch.Tensor:
+        drawn = self.base.sample(torch.Size(sample_shape))
         self._drawn = (self._lift(drawn), drawn)
         return self._drawn[0]
 
@@ -188,4 +198,6 @@ class BatchReshaped(dist.TorchDistribution):
         # A plate asks for the shape it already has; anything else would need the base re-run on more inputs.
         if torch.Size(batch_shape) == self.batch_shape:
             return self
-        raise NotImplementedError(f"BatchReshaped of batch shape {tuple(self.batch_shape)} cannot expand to {tuple(batch_shape)}")
+        raise NotImplementedError(
+            f"BatchReshaped of batch shape {tuple(self.batch_shape)} cannot expand to {tuple(batch_shape)}"
+        )

@@ -8,8 +8,8 @@ For each image :math:`x_i` (and, for the CVAE, its label :math:`y_i`) K codes ar
 * **M2**: every class c gets its own K draws from q(z | x, c), and
   :math:`\log \hat p(x) = \log \sum_c \frac{1}{C} \frac{1}{k} \sum_{j} w_{jc}`: the sum over y is exact, the
   integral over z importance-sampled, so :math:`\mathbb{E}[\hat p(x)] = p(x)` and the log is a lower bound as for the
-  VAE. The test ELBO is the unlabelled bound
-  :math:`\mathcal{U}(x) = \sum_c q(c \mid x)\, \mathbb{E}_{q(z \mid x, c)}[\log w + \log p(c)] + \mathcal{H}[q(y \mid x)]`
+  VAE. The test ELBO is the unlabelled bound :math:`\mathcal{U}(x) = \sum_c q(c \mid x)\,
+  \mathbb{E}_{q(z \mid x, c)}[\log w + \log p(c)] + \mathcal{H}[q(y \mid x)]`
   (labels unseen), and the **accuracy** of q(y | x) is the share of images whose most probable class is their label.
 
 As in :func:`pyro_vae.evaluation.evaluate`, smaller k reuse the largest k's draws in disjoint groups, every number is

@@ -302,4 +302,3 @@ def build_model(
 def class_count(model: VAE) -> int | None:
     """C for a model with labels, ``None`` for the VAE."""
     return getattr(model, "num_classes", None)
-

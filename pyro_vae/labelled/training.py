@@ -19,8 +19,7 @@ from typing import NamedTuple
 import torch
 
 from pyro_vae.config import RunConfig
-from pyro_vae.data import Batch, Dataset, EpochBatches
-from pyro_vae.data import labels_fingerprint
+from pyro_vae.data import Batch, Dataset, EpochBatches, labels_fingerprint
 from pyro_vae.data.labels import MixedBatches, num_classes, select_labelled, split_labelled
 from pyro_vae.errors import ConfigError
 from pyro_vae.evaluation import ELBOResult, evaluate_elbo
@@ -76,7 +75,10 @@ def training_data(vae: VAE, data: Dataset, config: RunConfig, device: torch.devi
         x_train = data.x_train.to(device)
         return TrainingData(EpochBatches(x_train, batch_size=tc.batch_size, **common), x_train.shape[0], None)
     n = data.x_train.shape[0]
-    index = torch.arange(n) if dc.labelled is None else select_labelled(data.y_train, dc.labelled, vae.num_classes, tc.seed)
+    if dc.labelled is None:
+        index = torch.arange(n)
+    else:
+        index = select_labelled(data.y_train, dc.labelled, vae.num_classes, tc.seed)
     record = LabelledRecord(index.numel(), labels_fingerprint(data.y_train, index))
     if isinstance(vae, SSVAE):
         vae.set_aux_weight(n)
