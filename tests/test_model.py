@@ -12,6 +12,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyro_vae.config import ModelConfig
+from pyro_vae.labelled import build_model
 from pyro_vae.model import VAE
 from pyro_vae.networks import _ACTIVATIONS
 from pyro_vae.optim import adamw
@@ -85,6 +86,9 @@ def test_every_model_config_field_reaches_the_module_it_names():
         "prior": "mog:3",
         "network": "conv",
         "conv_channels": (4, 6),
+        "kind": "cvae",
+        "num_classes": 4,
+        "aux_weight": 2.5,
     }
 
     def linears(module):
@@ -116,6 +120,11 @@ def test_every_model_config_field_reaches_the_module_it_names():
             and [m.out_channels for m in vae.decoder.modules() if isinstance(m, nn.ConvTranspose2d)][:-1]
             == list(reversed(v))[1:]
         ),
+        # The labelled models (pyro_vae.labelled): the class, the one-hot width the decoder reads, M2's α.
+        "kind": lambda vae, v: vae.kind == v and type(vae).__name__ == "CVAE",
+        "num_classes": lambda vae, v: getattr(vae, "num_classes", None) == v
+        and linears(vae.decoder)[0].in_features == vae.latent_dim + v,
+        "aux_weight": lambda vae, v: getattr(vae, "aux_weight", None) == v,
     }
     fields = [f.name for f in dataclasses.fields(ModelConfig)]
     assert sorted(checks) == sorted(values) == sorted(fields), "a ModelConfig field has no check here"
@@ -123,14 +132,24 @@ def test_every_model_config_field_reaches_the_module_it_names():
         default = getattr(ModelConfig(), name)
         assert values[name] != default
         # The options of a family that has them; the widths of the network that has them.
-        base = {"guide_options": {"guide": "low_rank"}, "conv_channels": {"network": "conv"}}.get(name, {})
+        base = {
+            "guide_options": {"guide": "low_rank"},
+            "conv_channels": {"network": "conv"},
+            "kind": {"num_classes": 3},
+            "num_classes": {"kind": "cvae"},
+            "aux_weight": {"kind": "m2", "num_classes": 3},
+        }.get(name, {})
         shape = (1, 8, 8) if name in ("network", "conv_channels") else None  # conv needs images of 8×8 or more
         dim = 64 if shape else D
         config = ModelConfig(**base, **{name: values[name]})
-        vae = VAE.from_config(config, dim, shape)
+        if name == "kind":  # a VAE has no classes: the default to compare with is the plain VAE
+            base = {}
+        if name == "num_classes":
+            base = {"kind": "cvae", "num_classes": 3}
+        vae = build_model(config, dim, shape)
         assert vae.config == config
         assert checks[name](vae, values[name]), name
-        assert not checks[name](VAE.from_config(ModelConfig(**base), dim, shape), values[name]), name  # can fail
+        assert not checks[name](build_model(ModelConfig(**base), dim, shape), values[name]), name  # can fail
 
 
 def structured_data(n=64, seed=0):
