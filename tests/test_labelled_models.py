@@ -1,0 +1,315 @@
+"""The CVAE and M2 (:mod:`pyro_vae.labelled`) against independent references.
+
+* M2's enumerated loss is the textbook bound of Kingma et al. (2014), formed here by hand in float64 from the raw
+  network outputs and the same draws: the unlabelled U(x), the labelled L(x, y) + α log q(y | x), each scaled by its
+  plate's N / B;
+* importance-sampled log p(x) (M2, y summed out) and log p(x | y) (CVAE) of a linear-Gaussian decoder against the
+  closed-form Gaussian mixture from scipy, within a tolerance derived from the estimate's standard error;
+* every registered guide family as q(z | x, y), :class:`~pyro_vae.labelled.conditioning.BatchReshaped`, sampling by
+  class, the one-line refusals, :func:`~pyro_vae.labelled.build_model` and training end to end with bit-exact resume.
+"""
+
+import json
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from scipy import stats
+from torch import nn
+
+from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from pyro_vae.data import binarize_eval, labels_fingerprint, load_dataset
+from pyro_vae.data.labels import num_classes, select_labelled
+from pyro_vae.errors import ConfigError, DataError
+from pyro_vae.guides import family_names
+from pyro_vae.labelled import CVAE, SSVAE, LabelledPart, build_model
+from pyro_vae.labelled.conditioning import BatchReshaped
+from pyro_vae.labelled.evaluation import accuracy, evaluate_labelled, evaluate_labelled_elbo
+from pyro_vae.model import VAE
+from pyro_vae.objectives import make_objective
+from pyro_vae.step import TrainStep
+from pyro_vae.train import Callback, fit
+
+C, L, D = 3, 2, 6  # classes, latent dimensions, pixels of the small models
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def raises_one_line(error, match, fn, *args, **kwargs):
+    """Call ``fn``; it must raise ``error`` whose message is one line containing every word of ``match``."""
+    with pytest.raises(error) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, message
+    for word in match:
+        assert word in message, (word, message)
+    return message
+
+
+def small(cls, *, seed=0, **kwargs):
+    pyro.set_rng_seed(seed)
+    if cls is SSVAE:
+        kwargs.setdefault("aux_weight", 0.7)
+    return cls(D, C, latent_dim=L, hidden_dims=(8,), **kwargs)
+
+
+def binary(*shape, seed=0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)).bernoulli(
+        generator=torch.Generator().manual_seed(seed + 1)
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. M2's enumerated loss is the textbook bound
+def hand_terms(model, x, y, z):
+    """Per image, log p(x | z, y) + log p(z) − log q(z | x, y) − log C from the raw network outputs: the encoder's
+    ``[loc, softplus⁻¹(scale − eps)]`` of ``mvn_diag``, the decoder's Bernoulli logits, a standard-normal prior.
+
+    :param x: ``(B, D)``; ``y``: ``(B,)``; ``z``: ``(B, L)``.
+    """
+    code = F.one_hot(y, C).to(x.dtype)
+    raw = model.encoder(torch.cat([x, code], -1))
+    loc, scale = raw[:, :L], F.softplus(raw[:, L:]) + model.family.eps
+    log_q = (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - HALF_LOG_2PI).sum(-1)
+    log_prior = (-0.5 * z**2 - HALF_LOG_2PI).sum(-1)
+    logits = model.decoder(torch.cat([z, code], -1))
+    log_lik = (x * logits - F.softplus(logits)).sum(-1)
+    return log_lik + log_prior - log_q - math.log(C)
+
+
+def unlabelled_bound(model, x, z):
+    """U(x) per image: Σ_c q(c | x) [terms(x, c, z_c)] + H[q(y | x)], with ``z (C, B, L)`` one draw per class."""
+    log_q_y = F.log_softmax(model.classifier(x), -1)  # (B, C)
+    per_class = torch.stack([hand_terms(model, x, torch.full((x.shape[0],), c), z[c]) for c in range(C)], -1)
+    return (log_q_y.exp() * (per_class - log_q_y)).sum(-1)
+
+
+def labelled_bound(model, x, y, z):
+    """L(x, y) + α log q(y | x) per image."""
+    log_q_y = F.log_softmax(model.classifier(x), -1).gather(-1, y[:, None])[:, 0]
+    return hand_terms(model, x, y, z) + model.aux_weight * log_q_y
+
+
+def enumerated_loss(model, *args, **kwargs):
+    return make_objective("trace", enumerate=True).loss(model.model, model.guide, *args, **kwargs)
+
+
+def test_m2_objective_is_trace_enum_with_one_plate_dimension():
+    elbo = make_objective("trace", enumerate=True)
+    assert isinstance(elbo, pyro.infer.TraceEnum_ELBO) and elbo.max_plate_nesting == 1
+
+
+def test_m2_unlabelled_loss_is_the_textbook_bound(float64):
+    model = small(SSVAE).double()
+    x = binary(5, D).double()
+    pyro.set_rng_seed(3)
+    loss = enumerated_loss(model, x)
+    pyro.set_rng_seed(3)  # the guide's only random draw: one z per (class, image), from q(z | x, c)
+    with torch.no_grad():
+        z = model.encode(x, torch.arange(C)[:, None]).rsample()  # (C, B, L)
+        expected = -unlabelled_bound(model, x, z).sum()
+    assert z.shape == (C, 5, L)
+    assert loss == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_m2_labelled_loss_is_the_bound_plus_the_classification_term_scaled_by_n_over_b(float64):
+    model = small(SSVAE).double()
+    x, y = binary(4, D).double(), torch.tensor([0, 2, 1, 2])
+    n = 10  # the labelled set's size: every term is scaled by N / B = 2.5
+    pyro.set_rng_seed(4)
+    observed = enumerated_loss(model, x, n, torch.tensor([1, 4, 5, 9]), y=y)
+    pyro.set_rng_seed(4)
+    part = enumerated_loss(model, None, labelled=LabelledPart(x, y, n, torch.tensor([1, 4, 5, 9])))
+    pyro.set_rng_seed(4)
+    with torch.no_grad():
+        expected = -(n / 4) * labelled_bound(model, x, y, model.encode(x, y).rsample()).sum()
+    assert observed == pytest.approx(expected.item(), rel=1e-12)
+    assert part == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_m2_mixed_step_adds_both_bounds_each_with_its_own_scale(float64):
+    model = small(SSVAE).double()
+    xu, xl, y = binary(5, D, seed=1).double(), binary(3, D, seed=2).double(), torch.tensor([2, 0, 0])
+    nu, nl = 50, 7
+    labelled = LabelledPart(xl, y, nl, torch.tensor([0, 3, 6]))
+    pyro.set_rng_seed(5)
+    loss = enumerated_loss(model, xu, nu, torch.arange(5), labelled=labelled)
+    pyro.set_rng_seed(5)  # the guide draws the unlabelled z first, then z_labelled
+    with torch.no_grad():
+        zu = model.encode(xu, torch.arange(C)[:, None]).rsample()
+        zl = model.encode(xl, y).rsample()
+        expected = -(nu / 5) * unlabelled_bound(model, xu, zu).sum() - (nl / 3) * labelled_bound(model, xl, y, zl).sum()
+    assert loss == pytest.approx(expected.item(), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. BatchReshaped
+def test_batch_reshaped_scores_as_its_base_on_the_flattened_value():
+    loc = torch.randn(6, L, requires_grad=True)
+    base = dist.Normal(loc, torch.rand(6, L) + 0.5).to_event(1)
+    q = BatchReshaped(base, torch.Size([2, 3]))
+    assert (q.batch_shape, q.event_shape) == ((2, 3), (L,))
+    value = torch.randn(2, 3, L)
+    torch.testing.assert_close(q.log_prob(value), base.log_prob(value.reshape(6, L)).reshape(2, 3), rtol=0, atol=0)
+    torch.testing.assert_close(q.mean, loc.reshape(2, 3, L), rtol=0, atol=0)
+    drawn = q.rsample((5,))
+    assert drawn.shape == (5, 2, 3, L) and q.sample((4,)).shape == (4, 2, 3, L) and q.sample().shape == (2, 3, L)
+    expected = base.log_prob(drawn.reshape(5, 6, L)).reshape(5, 2, 3)
+    torch.testing.assert_close(q.log_prob(drawn), expected, rtol=0, atol=0)  # its own sample (the cached path)
+    torch.testing.assert_close(q.log_prob(drawn.clone()), expected, rtol=0, atol=0)  # any other tensor
+    drawn.sum().backward()
+    torch.testing.assert_close(loc.grad, torch.full((6, L), 5.0))  # d/dloc of loc + scale·ε, 5 draws
+    assert q.has_rsample and q.expand((2, 3)) is q
+    with pytest.raises(NotImplementedError):
+        q.expand((4, 2, 3))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. CVAE: sampling by class, and the refusals
+def class_only_decoder(model):
+    """A decoder that reads only the one-hot part of ``[z, onehot(y)]``: class k's mean image is sigmoid(w_k + b)."""
+    decoder = nn.Linear(L + C, D)
+    with torch.no_grad():
+        decoder.weight[:, :L] = 0.0
+    model.decoder = decoder
+    with torch.no_grad():
+        return torch.sigmoid(decoder.weight[:, L:].T + decoder.bias)  # (C, D): row k is class k's mean image
+
+
+@pytest.mark.parametrize("cls", [CVAE, SSVAE])
+def test_sample_uses_the_label_asked_for(cls):
+    model = small(cls)
+    class_means = class_only_decoder(model)
+    assert not torch.allclose(class_means[0], class_means[1])
+    for k in range(C):
+        torch.testing.assert_close(model.sample(4, label=k), class_means[k].expand(4, D))
+    balanced = model.sample(2 * C + 1)  # i mod C
+    torch.testing.assert_close(balanced, class_means[torch.arange(2 * C + 1) % C])
+
+
+def test_sample_with_the_real_decoder_depends_on_the_label_and_the_generator():
+    model = small(CVAE)
+    a = model.sample(3, torch.Generator().manual_seed(1), label=0)
+    assert torch.equal(a, model.sample(3, torch.Generator().manual_seed(1), label=0))
+    assert not torch.equal(a, model.sample(3, torch.Generator().manual_seed(1), label=1))
+
+
+@pytest.mark.parametrize("label", [C, -1, 1.5, "2"])
+def test_sample_refuses_a_label_out_of_range_in_one_line(label):
+    raises_one_line(ConfigError, ["label"], small(CVAE).sample, 4, label=label)
+
+
+def test_cvae_needs_labels_to_encode_decode_reconstruct_and_evaluate():
+    model, x = small(CVAE), binary(3, D)
+    raises_one_line(ConfigError, ["pass the labels y"], model.encode, x)
+    raises_one_line(ConfigError, ["pass the labels y"], model.reconstruct, x)
+    raises_one_line(ConfigError, ["labels y"], model.decode, torch.zeros(3, L))
+    raises_one_line(DataError, ["integer tensor of labels 0..2"], evaluate_labelled, model, x, None, ks=(1,))
+    raises_one_line(DataError, ["integer tensor of labels 0..2"], evaluate_labelled_elbo, model, x, None)
+
+
+def test_m2_encodes_at_the_classifier_s_most_probable_class_without_labels():
+    model, x = small(SSVAE), binary(4, D)
+    likely = model.classify(x).probs.argmax(-1)
+    torch.testing.assert_close(model.encode(x).mean, model.encode(x, likely).mean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "y, words",
+    [
+        (torch.tensor([0.0, 1.0, 2.0]), ["integer tensor", "0..2"]),
+        (torch.tensor([True, False, True]), ["integer tensor"]),
+        ([0, 1, 2], ["integer tensor"]),
+        (torch.tensor([0, 3, 1]), ["label 3", "0..2"]),
+        (torch.tensor([0, -1, 1]), ["label -1", "0..2"]),
+        (torch.tensor([0, 1]), ["shape (2,)", "3 images"]),
+    ],
+)
+def test_check_labels_refuses_in_one_line(y, words):
+    for model in (small(CVAE), small(SSVAE)):
+        raises_one_line(DataError, words, model.check_labels, y, 3)
+        raises_one_line(DataError, words, evaluate_labelled, model, binary(3, D), y, ks=(1,))
+    raises_one_line(DataError, words, accuracy, small(SSVAE), binary(3, D), y)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. build_model
+def test_build_model_builds_the_kind_named():
+    assert type(build_model(ModelConfig(latent_dim=L, hidden_dims=(8,)), D, num_classes=4)) is VAE
+    cvae = build_model(ModelConfig(kind="cvae", latent_dim=L, hidden_dims=(8,)), D, num_classes=4)
+    m2 = build_model(ModelConfig(kind="m2", latent_dim=L, hidden_dims=(8,), num_classes=4), D)
+    assert type(cvae) is CVAE and type(m2) is SSVAE and cvae.num_classes == m2.num_classes == 4
+    assert m2.enumerates and not cvae.enumerates and m2.latent_sites == ("z", "z_labelled")
+
+
+def test_build_model_refuses_disagreeing_or_missing_class_counts_in_one_line():
+    config = ModelConfig(kind="m2", latent_dim=L, hidden_dims=(8,), num_classes=4)
+    raises_one_line(ConfigError, ["num_classes=4", "5 classes", "drop num_classes"], build_model, config, D, None, 5)
+    config = ModelConfig(kind="cvae", latent_dim=L, hidden_dims=(8,))
+    raises_one_line(ConfigError, ["--model cvae", "number of classes"], build_model, config, D)
+    raises_one_line(ConfigError, ["kind 'cvae'", "build_model"], SSVAE.from_config, config, D)
+
+
+def test_m2_config_describes_the_model_and_round_trips():
+    model = small(SSVAE, aux_weight=2.5, guide="low_rank", prior="mog:3")
+    config = model.config
+    assert (config.kind, config.num_classes, config.aux_weight) == ("m2", C, 2.5)
+    assert (config.latent_dim, config.hidden_dims, config.guide, config.prior) == (L, (8,), "low_rank", "mog:3")
+    again = build_model(config, D)
+    assert type(again) is SSVAE and again.config == config and again.aux_weight == 2.5
+    ours, theirs = model.state_dict(), again.state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert any(k.startswith("classifier.") for k in ours)
+    assert small(CVAE).config.kind == "cvae" and small(CVAE).config.aux_weight is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Config errors
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: RunConfig(data=DataConfig(labelled=40)), ["--labelled", "--model m2", "drop --labelled"]),
+        (
+            lambda: RunConfig(model=ModelConfig(kind="m2"), train=TrainConfig(objective="iwae:5")),
+            ["--model m2", "'iwae:5'", "--objective trace"],
+        ),
+        (
+            lambda: RunConfig(model=ModelConfig(kind="m2"), train=TrainConfig(objective="meanfield")),
+            ["--model m2", "'meanfield'", "--objective trace"],
+        ),
+        (lambda: ModelConfig(kind="cvae", prior="vamp:5"), ["VampPrior", "--model cvae", "--prior standard"]),
+        (lambda: ModelConfig(kind="m2", prior="vamp:5"), ["VampPrior", "--model m2", "--prior standard"]),
+        (
+            lambda: RunConfig(model=ModelConfig(kind="cvae"), train=TrainConfig(labelled_batch=8)),
+            ["--labelled-batch", "--model cvae", "--model m2"],
+        ),
+        (lambda: RunConfig(train=TrainConfig(labelled_batch=8)), ["--labelled-batch", "--model vae", "--model m2"]),
+        (lambda: ModelConfig(kind="cvae", aux_weight=1.0), ["aux_weight", "--model cvae", "drop --aux-weight"]),
+        (lambda: ModelConfig(aux_weight=1.0), ["aux_weight", "--model vae", "drop --aux-weight"]),
+        (lambda: ModelConfig(num_classes=3), ["num_classes", "drop it"]),
+        (
+            lambda: RunConfig(model=ModelConfig(kind="cvae"), train=TrainConfig(kl_schedule="free_bits:0.1")),
+            ["free_bits", "--model cvae", "linear:STEPS"],
+        ),
+        (
+            lambda: RunConfig(model=ModelConfig(kind="m2"), train=TrainConfig(kl_schedule="free_bits:0.1")),
+            ["free_bits", "--model m2", "linear:STEPS"],
+        ),
+    ],
+)
+def test_config_refuses_what_a_model_with_labels_cannot_do_in_one_line(make, words):
+    raises_one_line(ConfigError, words, make)
+
+
+def test_config_accepts_the_options_of_a_model_with_labels():
+    config = RunConfig(
+        data=DataConfig(labelled=40),
+        model=ModelConfig(kind="m2", aux_weight=3.0, prior="mog:4"),
+        train=TrainConfig(objective="trace:2", labelled_batch=8, kl_schedule="linear:10"),
+    )
+    assert config.model.kind == "m2" and config.train.labelled_batch == 8
+    RunConfig(data=DataConfig(labelled=40), model=ModelConfig(kind="cvae"))
