@@ -295,8 +295,8 @@ class RunConfig:
             )
         if self.train.labelled_batch is not None and kind != "m2":
             raise ConfigError(
-                f"--labelled-batch sets M2's labelled images per step; --model {kind} has no such mix: pass --model m2, "
-                "or drop --labelled-batch"
+                f"--labelled-batch sets M2's labelled images per step; --model {kind} has no such mix: pass "
+                "--model m2, or drop --labelled-batch"
             )
         if kind == "m2" and parse_objective_spec(self.train.objective).name != "trace":
             raise ConfigError(
