@@ -22,11 +22,12 @@ from pyro import poutine
 from scipy import stats
 from torch import nn
 
+from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pyro_vae.data import binarize_eval, labels_fingerprint, load_dataset
 from pyro_vae.data.labels import num_classes, select_labelled
 from pyro_vae.errors import ConfigError, DataError
-from pyro_vae.guides import family_names
+from pyro_vae.guides import FlowFamily, family_names, make_family
 from pyro_vae.labelled import CVAE, SSVAE, LabelledPart, build_model
 from pyro_vae.labelled.conditioning import BatchReshaped
 from pyro_vae.labelled.evaluation import accuracy, evaluate_labelled, evaluate_labelled_elbo
@@ -342,7 +343,8 @@ class LinearModel:
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def log_px_given_y(self, x, y):
-        return np.array([stats.multivariate_normal(self.b + self.v[:, c], self.cov_x).logpdf(xi) for xi, c in zip(x, y)])
+        rows = zip(x, y, strict=True)
+        return np.array([stats.multivariate_normal(self.b + self.v[:, c], self.cov_x).logpdf(xi) for xi, c in rows])
 
     def log_px(self, x):
         per_class = np.stack([stats.multivariate_normal(self.b + self.v[:, c], self.cov_x).logpdf(x) for c in range(C)])
@@ -437,5 +439,167 @@ def test_exact_posterior_guide_gives_the_exact_log_likelihood_at_any_chunking(fl
         assert result.elbo.mean == pytest.approx(elbo.mean(), abs=1e-9)
         assert result.protocol.target == "log p(x)"
     else:
-        assert result.elbo.mean == pytest.approx(exact.mean(), abs=1e-9)
+        elbo = exact
         assert result.protocol.target == "log p(x | y)"
+    assert result.elbo.mean == pytest.approx(elbo.mean(), abs=1e-9)
+    # The per-epoch single-sample ELBO is the same bound, in batches of its own size.
+    per_epoch = evaluate_labelled_elbo(model, x, y, batch_size=4).elbo
+    assert per_epoch.elbo.mean == pytest.approx(elbo.mean(), abs=1e-9) and per_epoch.num_images == 6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Every registered guide family as q(z | x, y)
+@pytest.mark.parametrize("guide", family_names())
+@pytest.mark.parametrize("model_cls", [CVAE, SSVAE])
+def test_every_guide_family_works_as_q_of_z_given_x_and_y(model_cls, guide):
+    model = small(model_cls, guide=guide)
+    b = 4
+    x, y = binary(b, D), torch.tensor([0, 1, 2, 1])
+    q = model.encode(x, y)
+    z = q.rsample()
+    assert (q.batch_shape, q.event_shape, z.shape) == ((b,), (L,), (b, L))
+    assert torch.isfinite(q.log_prob(z)).all() and q.log_prob(z).shape == (b,)
+    z.sum().backward()  # reparameterised: the encoder gets a gradient through the sample
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    enumerated = model.encode(x, torch.arange(C)[:, None])  # M2's enumerated y: every class for every image
+    z = enumerated.rsample()
+    assert (enumerated.batch_shape, z.shape) == ((C, b), (C, b, L))
+    log_q = enumerated.log_prob(z)
+    assert log_q.shape == (C, b) and torch.isfinite(log_q).all()
+    step = TrainStep(model, TrainConfig(lr=1e-3), num_data=20)  # the first step runs with Pyro validation on
+    labels = {"y": y} if model_cls is CVAE else {"labelled": LabelledPart(x[:2], y[:2], 8, torch.tensor([3, 5]))}
+    loss = step.step(x, torch.arange(b), **labels)
+    assert math.isfinite(loss)
+
+
+GAUSSIAN_FAMILIES = [name for name in family_names() if not isinstance(make_family(name, L), FlowFamily)]
+
+
+@pytest.mark.parametrize("guide", GAUSSIAN_FAMILIES)
+def test_enumerated_labels_give_each_class_its_own_q(guide):
+    """Row c of q(z | x, y = arange(C)[:, None]) is q(z | x, c) of the images encoded with the labels all c (scored at
+    any value: the Gaussian families have a density everywhere; a flow scores only its own samples)."""
+    model, x = small(SSVAE, guide=guide), binary(4, D)
+    enumerated = model.encode(x, torch.arange(C)[:, None])
+    value = torch.randn(C, 4, L)
+    for c in range(C):
+        alone = model.encode(x, torch.full((4,), c))
+        torch.testing.assert_close(enumerated.log_prob(value)[c], alone.log_prob(value[c]))
+        torch.testing.assert_close(enumerated.mean[c], alone.mean)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. Accuracy
+def test_evaluation_accuracy_is_the_classifier_s_at_any_chunking():
+    """Labels chosen so that q(y | x)'s most probable class is right for exactly 6 of the 10 images."""
+    model, x = small(SSVAE), binary(10, D)
+    likely = model.classify(x).probs.argmax(-1)
+    y = torch.where(torch.arange(10) < 6, likely, (likely + 1) % C)
+    direct = accuracy(model, x, y, batch_size=3)
+    assert direct.mean == pytest.approx(0.6) and direct.se == pytest.approx(math.sqrt(0.6 * 0.4 / 9) * math.sqrt(1))
+    for chunk_size in (3, 4096):
+        assert evaluate_labelled(model, x, y, ks=(1, 2), chunk_size=chunk_size).accuracy == direct
+    assert evaluate_labelled_elbo(model, x, y, batch_size=4).accuracy == direct
+    assert evaluate_labelled(model, x, None, ks=(1,)).accuracy is None
+    assert evaluate_labelled_elbo(model, x, None).accuracy is None
+    cvae = small(CVAE)
+    assert evaluate_labelled(cvae, x, y, ks=(1,)).accuracy is None
+    assert evaluate_labelled_elbo(cvae, x, y).accuracy is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Training: KL weights on both latent sites, fit end to end, bit-exact resume
+def test_kl_schedule_weights_both_latent_sites_of_m2_and_nothing_else():
+    model = small(SSVAE)
+    step = TrainStep(model, TrainConfig(kl_schedule="constant:0.25"), num_data=20)
+    x, part = binary(4, D), LabelledPart(binary(2, D, seed=3), torch.tensor([0, 2]), 8, torch.tensor([1, 6]))
+    args, kwargs = (x, 20, torch.arange(4)), {"labelled": part}
+    guide = poutine.trace(step.svi.guide).get_trace(*args, **kwargs)
+    trace = poutine.trace(poutine.replay(step.svi.model, trace=guide)).get_trace(*args, **kwargs)
+    beta, unlabelled, labelled = 0.25, 20 / 4, 8 / 2  # β and each plate's N / B
+    expected = {"z": beta * unlabelled, "z_labelled": beta * labelled, "x": unlabelled, "x_labelled": labelled,
+                "y_labelled": labelled, "y_aux_labelled": model.aux_weight * labelled, "y": unlabelled}  # fmt: skip
+    for name, scale in expected.items():
+        assert float(trace.nodes[name]["scale"]) == pytest.approx(scale), name
+    for name in ("z", "z_labelled", "y"):
+        assert float(guide.nodes[name]["scale"]) == pytest.approx(expected[name]), name
+
+
+FIT_TRAIN, FIT_TEST, FIT_BATCH, FIT_LABELLED = 300, 64, 64, 40
+
+
+@pytest.fixture(scope="module")
+def labelled_data():
+    return load_dataset(DataConfig(n_train=FIT_TRAIN, n_test=FIT_TEST))
+
+
+def fit_config(kind, **train):
+    labelled = FIT_LABELLED if kind == "m2" else None
+    defaults = {"epochs": 1, "batch_size": FIT_BATCH, "progress": False, "threads": 1}
+    return RunConfig(
+        data=DataConfig(n_train=FIT_TRAIN, n_test=FIT_TEST, labelled=labelled),
+        model=ModelConfig(kind=kind, latent_dim=2, hidden_dims=(32, 16), num_classes=10),
+        train=TrainConfig(**{**defaults, **train}),
+    )
+
+
+def new_model(config, data):
+    pyro.set_rng_seed(0)
+    return build_model(config.model, data.input_dim, data.image_shape, num_classes(data))
+
+
+@pytest.mark.parametrize("kind", ["cvae", "m2"])
+def test_fit_trains_a_model_with_labels_and_records_them(labelled_data, tmp_path, kind):
+    config = fit_config(kind)
+    model = new_model(config, labelled_data)
+    result = fit(model, labelled_data, config, out_dir=tmp_path / "run")
+    assert result.steps > 0 and all(math.isfinite(loss) for loss in result.losses)
+    (record,) = result.epochs
+    tc, dc = config.train, config.data
+    y_train = labelled_data.y_train
+    index = torch.arange(FIT_TRAIN) if kind == "cvae" else select_labelled(y_train, FIT_LABELLED, 10, tc.seed)
+    written = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert written["labelled"] == {"n": index.numel(), "sha256": labels_fingerprint(labelled_data.y_train, index)}
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    if kind == "m2":
+        x_test = binarize_eval(labelled_data.x_test, dc.binarize, tc.seed, dc.threshold)
+        assert record.accuracy == accuracy(model, x_test, labelled_data.y_test).mean  # the trained classifier's
+        assert metrics["accuracy"] == record.accuracy and model.aux_weight == 0.1 * FIT_TRAIN
+    else:
+        assert record.accuracy is None and metrics["accuracy"] is None
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, state):
+        if state.step == self.step:
+            raise Crash(f"simulated crash after step {state.step}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["cvae", "m2"])
+def test_resume_from_a_mid_epoch_checkpoint_is_bit_exact(labelled_data, tmp_path, kind):
+    """Two epochs uninterrupted against a run that crashes inside the second epoch and resumes from the last
+    checkpoint (every 2 steps): same losses, parameters and metrics, bit for bit (CPU, one thread)."""
+    config = fit_config(kind, epochs=2, checkpoint_every=2)
+    reference = new_model(config, labelled_data)
+    expected = fit(reference, labelled_data, config, out_dir=tmp_path / "reference")
+    steps_per_epoch = expected.epochs[0].step  # steps done by the end of epoch 0
+    crash_at = steps_per_epoch + 2  # the 0-based index of the third step of the second epoch
+    with pytest.raises(Crash):
+        crashing = new_model(config, labelled_data)
+        fit(crashing, labelled_data, config, out_dir=tmp_path / "run", callbacks=[CrashAt(crash_at)])
+    checkpoint_step = load_checkpoint(tmp_path / "run" / "last.pt")["progress"]["step"]
+    assert steps_per_epoch < checkpoint_step < crash_at + 1  # mid-epoch
+    model = new_model(config, labelled_data)
+    result = fit(model, labelled_data, config, out_dir=tmp_path / "run", resume=True)
+    assert result.losses == expected.losses and result.steps == expected.steps
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert [r._replace(seconds=0.0) for r in result.epochs] == [r._replace(seconds=0.0) for r in expected.epochs]
