@@ -165,8 +165,36 @@ def test_batch_reshaped_scores_as_its_base_on_the_flattened_value():
     drawn.sum().backward()
     torch.testing.assert_close(loc.grad, torch.full((6, L), 5.0))  # d/dloc of loc + scale·ε, 5 draws
     assert q.has_rsample and q.expand((2, 3)) is q
-    with pytest.raises(NotImplementedError):
-        q.expand((4, 2, 3))
+    with pytest.raises(ValueError, match="cannot expand"):
+        q.expand((4, 3, 3))
+
+
+@pytest.mark.parametrize(
+    "shape, target",
+    [((2, 3), (4, 2, 3)), ((3, 1, 2), (3, 4, 2)), ((3, 1, 2), (5, 3, 4, 2)), ((1, 2), (3, 2))],
+)
+def test_batch_reshaped_expands_with_a_draw_for_every_new_position(shape, target):
+    """Pyro's particle plate expands q(z | x, y): ``(B,)`` to ``(P, B)``, an enumerated ``(C, 1, B)`` to
+    ``(C, P, B)``. Reference: the same Normal built unflattened, ``(*shape, L)``, and expanded by torch."""
+    n = math.prod(shape)
+    loc, scale = torch.randn(n, L, requires_grad=True), torch.rand(n, L) + 0.5
+    q = BatchReshaped(dist.Normal(loc, scale).to_event(1), torch.Size(shape)).expand(target)
+    reference = dist.Normal(loc.reshape(*shape, L), scale.reshape(*shape, L)).to_event(1).expand(target)
+    assert q.batch_shape == target and q.event_shape == (L,)
+    value = torch.randn(7, *target, L)
+    torch.testing.assert_close(q.log_prob(value), reference.log_prob(value))
+    torch.testing.assert_close(q.mean, reference.mean)
+    drawn = q.rsample((2,))
+    assert drawn.shape == (2, *target, L)
+    torch.testing.assert_close(q.log_prob(drawn), reference.log_prob(drawn))  # the cached path, same layout
+    # Every expanded position has its own draw: no two of the 2·prod(target) noise vectors coincide.
+    noise = ((drawn - reference.mean) / reference.base_dist.scale).reshape(-1, L)
+    assert torch.unique(noise, dim=0).shape[0] == noise.shape[0]
+    drawn.sum().backward()
+    torch.testing.assert_close(loc.grad, torch.full((n, L), 2.0 * math.prod(target) / n))
+    twice = q.expand((2, *target))  # a second expansion composes with the first
+    value = torch.randn(2, *target, L)
+    torch.testing.assert_close(twice.log_prob(value), reference.expand((2, *target)).log_prob(value))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,6 +500,31 @@ def test_every_guide_family_works_as_q_of_z_given_x_and_y(model_cls, guide):
     assert math.isfinite(loss)
 
 
+@pytest.mark.parametrize("guide", family_names())
+@pytest.mark.parametrize("model_cls, objective", [(CVAE, "trace:2"), (CVAE, "iwae:3"), (SSVAE, "trace:2")])
+def test_every_guide_family_trains_with_vectorised_particles(model_cls, objective, guide):
+    """Vectorised particles put q(z | x, y) in a particle plate, which expands its batch shape (M2: inside the
+    enumerated y); one validated step of every family gives a finite loss."""
+    model, x, y = small(model_cls, guide=guide), binary(4, D), torch.tensor([0, 1, 2, 1])
+    step = TrainStep(model, TrainConfig(objective=objective), num_data=20)
+    labels = {"y": y} if model_cls is CVAE else {"labelled": LabelledPart(x[:2], y[:2], 8, torch.tensor([3, 5]))}
+    assert math.isfinite(step.step(x, torch.arange(4), **labels))
+
+
+def test_m2_vectorised_particles_average_the_textbook_bound(float64):
+    """``trace:P`` draws P independent z per (class, image): the loss is the mean over particles of −Σ_b U(x_b).
+    Under the particle plate (dim −2) the enumerated y is ``(C, 1, 1)``, and q's base draws ``(P, C·B)``."""
+    model, x, particles = small(SSVAE).double(), binary(5, D).double(), 3
+    pyro.set_rng_seed(6)
+    loss = make_objective("trace", particles, enumerate=True).loss(model.model, model.guide, x)
+    pyro.set_rng_seed(6)
+    with torch.no_grad():
+        base = model.encode(x, torch.arange(C)[:, None, None]).base  # batch (C·1·B,)
+        z = base.expand((particles, C * 5)).rsample().reshape(particles, C, 5, L)
+        expected = -torch.stack([unlabelled_bound(model, x, z[p]).sum() for p in range(particles)]).mean()
+    assert loss == pytest.approx(expected.item(), rel=1e-12)
+
+
 GAUSSIAN_FAMILIES = [name for name in family_names() if not isinstance(make_family(name, L), FlowFamily)]
 
 
@@ -603,3 +656,17 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bit_exact(labelled_data, tmp_path
     ours, theirs = model.state_dict(), reference.state_dict()
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert [r._replace(seconds=0.0) for r in result.epochs] == [r._replace(seconds=0.0) for r in expected.epochs]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("guide", ["mvn_diag", "planar"])
+def test_m2_vectorised_particles_on_cuda(guide):
+    """The expanded q keeps its layout (an index made on the CPU) on the device of the draws."""
+    model = small(SSVAE, guide=guide).cuda()
+    x, y = binary(4, D).cuda(), torch.tensor([0, 1, 2, 1], device="cuda")
+    step = TrainStep(model, TrainConfig(objective="trace:2"), num_data=20)
+    labelled = LabelledPart(x[:2], y[:2], 8, torch.tensor([3, 5], device="cuda"))
+    assert math.isfinite(step.step(x, torch.arange(4, device="cuda"), labelled=labelled))
+    q = model.encode(x, torch.arange(C, device="cuda")[:, None]).expand((C, 2, 4))
+    z = q.rsample()
+    assert z.device.type == "cuda" and torch.isfinite(q.log_prob(z)).all()

@@ -26,7 +26,17 @@ from torch.nn import functional as F
 
 from pyro_vae.networks import make_networks
 
-__all__ = ["BatchReshaped", "ConditionalInput", "apply_flat", "build_classifier", "build_conditional_networks", "joined", "one_hot"]
+__all__ = [
+    "BatchReshaped",
+    "ConditionalInput",
+    "apply_flat",
+    "build_classifier",
+    "build_conditional_networks",
+    "joined",
+    "one_hot",
+]
+
+_EMPTY = torch.Size()
 
 #: Networks that read an image as a flat vector: their label goes in as C extra numbers, not C extra channels.
 FLAT_NETWORKS = ("mlp",)
@@ -118,13 +128,17 @@ class BatchReshaped(dist.TorchDistribution):
     flattened inputs (:func:`apply_flat`) and this gives its distribution the inputs' batch shape back.
 
     Sampling is reparameterised when the base's is; ``log_prob`` flattens the value's batch dimensions, scores, and
-    restores them (extra leading sample dimensions are kept).
+    restores them (extra leading sample dimensions are kept). :meth:`expand` adds batch dimensions (vectorised
+    particles: ``(B,)`` to ``(P, B)``, or an enumerated ``(C, 1, B)`` to ``(C, P, B)``) by expanding the base to
+    ``(E, prod(batch))``, E the product of the new sizes, so every new position gets its own draw.
     """
 
     arg_constraints = {}
 
-    def __init__(self, base: dist.TorchDistribution, batch_shape: torch.Size, validate_args=None):
+    def __init__(self, base: dist.TorchDistribution, batch_shape: torch.Size, validate_args=None, *, order=None):
         self.base = base
+        # Where each batch position (row-major) lies in the base's flattened batch; None: the same place (no expand).
+        self._order: torch.Tensor | None = order
         # The last sample and the base's tensor it was reshaped from: flows score their own samples from a cache
         # keyed by the very tensor they returned (planar, radial, ...), so log_prob hands that tensor back.
         self._drawn: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -138,34 +152,67 @@ class BatchReshaped(dist.TorchDistribution):
     def support(self):
         return self.base.support
 
-    def _lift(self, value: torch.Tensor) -> torch.Tensor:
-        return value.reshape(*value.shape[: value.dim() - len(self.event_shape) - 1], *self.batch_shape, *self.event_shape)
+    def _lift(self, value: torch.Tensor, n_event: int | None = None) -> torch.Tensor:
+        """``(*lead, *base.batch_shape, *event)`` → ``(*lead, *batch_shape, *event)`` (``n_event`` 0 for scores)."""
+        n_event = len(self.event_shape) if n_event is None else n_event
+        event = value.shape[value.dim() - n_event :]
+        lead = value.shape[: value.dim() - n_event - len(self.base.batch_shape)]
+        flat = value.reshape(*lead, -1, *event)
+        if self._order is not None:
+            self._order = self._order.to(flat.device)  # made on the CPU by expand; moved once
+            flat = flat.index_select(len(lead), self._order)
+        return flat.reshape(*lead, *self.batch_shape, *event)
 
-    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def _lower(self, value: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`_lift` for a value ``(*lead, *batch_shape, *event)``."""
+        n_event = len(self.event_shape)
+        lead = value.shape[: value.dim() - n_event - len(self.batch_shape)]
+        value = value.expand(*lead, *self.batch_shape, *self.event_shape)
+        flat = value.reshape(*lead, -1, *self.event_shape)
+        if self._order is not None:
+            self._order = self._order.to(flat.device)
+            flat = flat.index_select(len(lead), torch.argsort(self._order))
+        return flat.reshape(*lead, *self.base.batch_shape, *self.event_shape)
+
+    def rsample(self, sample_shape=_EMPTY) -> torch.Tensor:
         drawn = self.base.rsample(sample_shape)
         self._drawn = (self._lift(drawn), drawn)
         return self._drawn[0]
 
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape=_EMPTY) -> torch.Tensor:
         drawn = self.base.sample(sample_shape)
         self._drawn = (self._lift(drawn), drawn)
         return self._drawn[0]
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        n_batch, n_event = len(self.batch_shape), len(self.event_shape)
-        lead = value.shape[: value.dim() - n_batch - n_event]
         if self._drawn is not None and value is self._drawn[0]:
             flat = self._drawn[1]
         else:
-            flat = value.reshape(*lead, math.prod(self.batch_shape), *self.event_shape)
-        return self.base.log_prob(flat).reshape(*lead, *self.batch_shape)
+            flat = self._lower(value)
+        return self._lift(self.base.log_prob(flat), 0)
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.base.mean.reshape(*self.batch_shape, *self.event_shape)
+        return self._lift(self.base.mean)
 
     def expand(self, batch_shape, _instance=None):
-        # A plate asks for the shape it already has; anything else would need the base re-run on more inputs.
-        if torch.Size(batch_shape) == self.batch_shape:
+        """The same distribution over more batch dimensions, each new position with its own draws: new leading
+        dimensions, or sizes > 1 where the batch shape has 1 (Pyro's particle plate inside an enumerated y)."""
+        target = torch.Size(batch_shape)
+        if target == self.batch_shape:
             return self
-        raise NotImplementedError(f"BatchReshaped of batch shape {tuple(self.batch_shape)} cannot expand to {tuple(batch_shape)}")
+        padded = torch.Size([1] * (len(target) - len(self.batch_shape)) + list(self.batch_shape))
+        if len(target) < len(self.batch_shape) or any(o not in (1, t) for o, t in zip(padded, target, strict=True)):
+            raise ValueError(f"BatchReshaped of batch shape {tuple(self.batch_shape)} cannot expand to {tuple(target)}")
+        new = [i for i, (old, size) in enumerate(zip(padded, target, strict=True)) if old == 1 and size != 1]
+        # The base grows a leading dimension of E = prod(new sizes): position t takes base row e(t), the row-major
+        # index of t's coordinates along the new dimensions, and within it the column it had before.
+        row = torch.zeros(target, dtype=torch.long)
+        stride = 1
+        for i in reversed(new):
+            row = row + stride * torch.arange(target[i]).reshape([-1 if j == i else 1 for j in range(len(target))])
+            stride *= target[i]
+        before = torch.arange(math.prod(self.batch_shape)) if self._order is None else self._order.cpu()
+        order = row * math.prod(self.base.batch_shape) + before.reshape(padded)
+        base = self.base.expand(torch.Size([stride, *self.base.batch_shape]))
+        return BatchReshaped(base, target, order=order.reshape(-1))
