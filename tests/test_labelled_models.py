@@ -525,6 +525,32 @@ def test_m2_vectorised_particles_average_the_textbook_bound(float64):
     assert loss == pytest.approx(expected.item(), rel=1e-12)
 
 
+IMAGE = (1, 8, 8)  # the smallest image the conv network takes
+
+
+def conv_model(cls):
+    pyro.set_rng_seed(0)
+    kwargs = {"aux_weight": 0.7} if cls is SSVAE else {}
+    return cls(64, C, latent_dim=L, network="conv", image_shape=IMAGE, conv_channels=(4, 4), **kwargs)
+
+
+@pytest.mark.parametrize("model_cls", [CVAE, SSVAE])
+def test_the_conv_network_reads_the_label_as_constant_channels(model_cls):
+    """For an image network the encoder's input is ``(1 + C, H, W)``: the image, then one constant plane y_k per
+    class; a step trains (M2: with y enumerated through the convolutions) and samples come out by class."""
+    model, x, y = conv_model(model_cls), binary(5, 64), torch.tensor([0, 1, 2, 0, 1])
+    planes = model.conditional_input(x, F.one_hot(y, C).float()).reshape(5, 1 + C, 8, 8)
+    torch.testing.assert_close(planes[:, 0], x.reshape(5, 8, 8), rtol=0, atol=0)
+    torch.testing.assert_close(planes[:, 1:], F.one_hot(y, C).float()[:, :, None, None].expand(5, C, 8, 8))
+    assert model.encode(x, torch.arange(C)[:, None]).rsample().shape == (C, 5, L)
+    step = TrainStep(model, TrainConfig(), num_data=20)
+    labels = {"y": y} if model_cls is CVAE else {"labelled": LabelledPart(x[:2], y[:2], 8, torch.tensor([3, 5]))}
+    assert math.isfinite(step.step(x, torch.arange(5), **labels))
+    assert model.sample(4, label=2).shape == (4, 64)
+    again = build_model(model.config, 64, IMAGE)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
 GAUSSIAN_FAMILIES = [name for name in family_names() if not isinstance(make_family(name, L), FlowFamily)]
 
 
@@ -658,6 +684,7 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bit_exact(labelled_data, tmp_path
     assert [r._replace(seconds=0.0) for r in result.epochs] == [r._replace(seconds=0.0) for r in expected.epochs]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("guide", ["mvn_diag", "planar"])
 def test_m2_vectorised_particles_on_cuda(guide):

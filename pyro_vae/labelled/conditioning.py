@@ -101,8 +101,10 @@ def build_conditional_networks(
     else:
         encoder_shape = (input_shape[0] + num_classes, *input_shape[1:])
     common = {"num_params": num_params, "hidden_dims": hidden_dims, "activation": activation}
+    # Only the pair's encoder is kept; its unused decoder must still be valid for the wider input (conv refuses an
+    # output that is not a whole number of its images), so it gets one value per input value.
     encoder = make_networks(
-        name, input_shape=encoder_shape, latent_dim=latent_dim + num_classes, output_dim=output_dim,
+        name, input_shape=encoder_shape, latent_dim=latent_dim + num_classes, output_dim=math.prod(encoder_shape),
         conv_channels=conv_channels, **common,
     ).encoder  # fmt: skip
     decoder = make_networks(
@@ -117,9 +119,10 @@ def build_classifier(
     conv_channels: Sequence[int],
 ) -> nn.Module:  # fmt: skip
     """The classifier network of q(y | x): the registered encoder ``name`` with ``num_classes`` outputs (logits)."""
+    # The pair's unused decoder gets one value per pixel, an output every network accepts.
     return make_networks(
-        name, input_shape=input_shape, latent_dim=1, num_params=num_classes, output_dim=1, hidden_dims=hidden_dims,
-        activation=activation, conv_channels=conv_channels,
+        name, input_shape=input_shape, latent_dim=1, num_params=num_classes, output_dim=math.prod(input_shape),
+        hidden_dims=hidden_dims, activation=activation, conv_channels=conv_channels,
     ).encoder  # fmt: skip
 
 
