@@ -147,6 +147,28 @@ def test_m2_mixed_step_adds_both_bounds_each_with_its_own_scale(float64):
     assert loss == pytest.approx(expected.item(), rel=1e-12)
 
 
+def test_m2_gradients_are_the_textbook_bound_s(float64):
+    """TraceEnum_ELBO's differentiable loss has the hand-written bound's gradient for every parameter: the encoder's
+    through the reparameterised z, the decoder's, and the classifier's through q(y | x) (enumerated weights and
+    entropy) and the α log q(y | x) term."""
+    model = small(SSVAE).double()
+    xu, xl, y = binary(5, D, seed=1).double(), binary(3, D, seed=2).double(), torch.tensor([2, 0, 1])
+    labelled = LabelledPart(xl, y, 7, torch.tensor([0, 3, 6]))
+    elbo = make_objective("trace", enumerate=True)
+    pyro.set_rng_seed(8)
+    elbo.differentiable_loss(model.model, model.guide, xu, 50, torch.arange(5), labelled=labelled).backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    pyro.set_rng_seed(8)
+    zu = model.encode(xu, torch.arange(C)[:, None]).rsample()
+    zl = model.encode(xl, y).rsample()
+    (-(50 / 5) * unlabelled_bound(model, xu, zu).sum() - (7 / 3) * labelled_bound(model, xl, y, zl).sum()).backward()
+    assert any(name.startswith("classifier.") for name in got)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+        assert p.grad.abs().sum() > 0, name  # every network is trained by this step
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 4. BatchReshaped
 def test_batch_reshaped_scores_as_its_base_on_the_flattened_value():
