@@ -9,6 +9,8 @@
   class, the one-line refusals, :func:`~pyro_vae.labelled.build_model` and training end to end with bit-exact resume.
 """
 
+import contextlib
+import dataclasses
 import json
 import math
 
@@ -147,6 +149,34 @@ def test_m2_mixed_step_adds_both_bounds_each_with_its_own_scale(float64):
     assert loss == pytest.approx(expected.item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("guide", ["mvn_diag", "diag_normal"])
+@pytest.mark.parametrize("objective", ["trace", "meanfield"])
+def test_cvae_loss_is_the_conditional_elbo_scaled_by_n_over_b(float64, objective, guide):
+    """−(N/B) Σ_b [log p(x | z, y) + log p(z) − log q(z | x, y)]: no term for y, which is given. ``meanfield`` puts
+    the closed-form KL in place of log q − log p where the VAE's q(z | x) has one (``diag_normal``), and keeps the
+    sampled one where it has none (``mvn_diag``), as for the VAE."""
+    model = small(CVAE, guide=guide).double()
+    x, y = binary(4, D).double(), torch.tensor([1, 0, 2, 2])
+    pyro.set_rng_seed(9)
+    loss = make_objective(objective).loss(model.model, model.guide, x, 10, torch.tensor([0, 2, 4, 6]), y=y)
+    pyro.set_rng_seed(9)
+    with torch.no_grad():
+        z = model.encode(x, y).rsample()
+        sampled = -(10 / 4) * (hand_terms(model, x, y, z) + math.log(C)).sum()  # hand_terms has M2's −log C
+        code = F.one_hot(y, C).double()
+        raw = model.encoder(torch.cat([x, code], -1))
+        loc, scale = raw[:, :L], F.softplus(raw[:, L:]) + model.family.eps
+        kl = 0.5 * (loc**2 + scale**2 - 1 - 2 * scale.log()).sum(-1)  # KL(N(loc, scale²) ‖ N(0, I))
+        logits = model.decoder(torch.cat([z, code], -1))
+        closed_form = -(10 / 4) * ((x * logits - F.softplus(logits)).sum(-1) - kl).sum()
+    vae = VAE(D, latent_dim=L, hidden_dims=(8,), guide=guide)
+    vae_has_closed_form = guide == "diag_normal"
+    with pytest.raises(NotImplementedError) if not vae_has_closed_form else contextlib.nullcontext():
+        torch.distributions.kl_divergence(vae.encode(binary(4, D)), vae.prior(4, binary(4, D)))
+    expected = closed_form if objective == "meanfield" and vae_has_closed_form else sampled
+    assert loss == pytest.approx(expected.item(), rel=1e-12)
+
+
 def test_m2_gradients_are_the_textbook_bound_s(float64):
     """TraceEnum_ELBO's differentiable loss has the hand-written bound's gradient for every parameter: the encoder's
     through the reparameterised z, the decoder's, and the classifier's through q(y | x) (enumerated weights and
@@ -217,6 +247,19 @@ def test_batch_reshaped_expands_with_a_draw_for_every_new_position(shape, target
     twice = q.expand((2, *target))  # a second expansion composes with the first
     value = torch.randn(2, *target, L)
     torch.testing.assert_close(twice.log_prob(value), reference.expand((2, *target)).log_prob(value))
+
+
+@pytest.mark.parametrize("shape, target", [((4,), (4,)), ((4,), (3, 4)), ((3, 1, 2), (3, 4, 2))])
+def test_batch_reshaped_has_its_base_s_closed_form_kl_against_the_standard_prior(shape, target):
+    n = math.prod(shape)
+    loc, scale = torch.randn(n, L), torch.rand(n, L) + 0.5
+    q = BatchReshaped(dist.Normal(loc, scale).to_event(1), torch.Size(shape)).expand(target)
+    reference = dist.Normal(loc.reshape(*shape, L), scale.reshape(*shape, L)).to_event(1).expand(target)
+    prior = dist.Normal(torch.zeros(L), 1.0).expand(target[-1:] + (L,)).to_event(1)  # the plate's (B,), broadcast
+    kl = torch.distributions.kl_divergence(q, prior)
+    torch.testing.assert_close(kl, torch.distributions.kl_divergence(reference, prior.expand(target)))
+    with pytest.raises(NotImplementedError):  # no closed form against anything else: Pyro then samples the KL
+        torch.distributions.kl_divergence(q, dist.Laplace(torch.zeros(L), 1.0).to_event(1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -668,6 +711,32 @@ def test_fit_trains_a_model_with_labels_and_records_them(labelled_data, tmp_path
         assert metrics["accuracy"] == record.accuracy and model.aux_weight == 0.1 * FIT_TRAIN
     else:
         assert record.accuracy is None and metrics["accuracy"] is None
+
+
+@pytest.mark.parametrize(
+    "kind, change, error, words",
+    [
+        ("m2", {"labelled": 5}, DataError, ["5", "10 classes"]),
+        ("m2", {"labelled": FIT_TRAIN + 1}, DataError, [str(FIT_TRAIN + 1)]),
+        ("cvae", {"no_labels": True}, DataError, ["no labels", "--model cvae/m2 need labels"]),
+        ("m2", {"classes": 3}, ConfigError, ["10 classes", "built for 3", "build_model"]),
+    ],
+)
+def test_fit_refuses_bad_label_input_in_one_line_before_writing_anything(
+    labelled_data, tmp_path, kind, change, error, words
+):
+    config = fit_config(kind)
+    data = labelled_data
+    if "labelled" in change:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, labelled=change["labelled"]))
+    if "no_labels" in change:
+        data = dataclasses.replace(data, y_train=None, y_test=None)
+    model = new_model(config, labelled_data)
+    if "classes" in change:
+        model = build_model(dataclasses.replace(config.model, num_classes=change["classes"]), data.input_dim)
+        config = dataclasses.replace(config, model=model.config)
+    message = raises_one_line(error, words, fit, model, data, config, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists(), message
 
 
 class Crash(Exception):

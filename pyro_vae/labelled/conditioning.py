@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.distributions import Independent, kl_divergence, register_kl
 from torch.nn import functional as F
 
 from pyro_vae.networks import make_networks
@@ -219,3 +220,20 @@ class BatchReshaped(dist.TorchDistribution):
         order = row * math.prod(self.base.batch_shape) + before.reshape(padded)
         base = self.base.expand(torch.Size([stride, *self.base.batch_shape]))
         return BatchReshaped(base, target, order=order.reshape(-1))
+
+
+@register_kl(BatchReshaped, Independent)
+def _kl_batch_reshaped(q: BatchReshaped, p: Independent) -> torch.Tensor:
+    """KL(q ‖ p) for a p of independent Normals over the event (the standard prior, the one ``meanfield`` takes): the
+    base's KL against p laid out as the base, so that q(z | x, y) has the closed form the VAE's q(z | x) has, where
+    the family has one (else ``NotImplementedError``, and Pyro estimates the KL from the sample, as for the VAE)."""
+    if (
+        not isinstance(p.base_dist, torch.distributions.Normal)
+        or p.reinterpreted_batch_ndims != 1
+        or p.event_shape != q.event_shape
+        or torch.broadcast_shapes(p.batch_shape, q.batch_shape) != q.batch_shape
+    ):
+        raise NotImplementedError(f"no closed-form KL of a BatchReshaped against {type(p).__name__}")
+    shape = (*q.batch_shape, *q.event_shape)
+    loc, scale = (q._lower(t.expand(shape)) for t in (p.base_dist.loc, p.base_dist.scale))
+    return q._lift(kl_divergence(q.base, dist.Normal(loc, scale).to_event(1)), 0)
