@@ -67,7 +67,7 @@ def binary(*shape, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. M2's enumerated loss is the textbook bound
+# M2's enumerated loss is the textbook bound
 def hand_terms(model, x, y, z):
     """Per image, log p(x | z, y) + log p(z) − log q(z | x, y) − log C from the raw network outputs: the encoder's
     ``[loc, softplus⁻¹(scale − eps)]`` of ``mvn_diag``, the decoder's Bernoulli logits, a standard-normal prior.
@@ -200,7 +200,7 @@ def test_m2_gradients_are_the_textbook_bound_s(float64):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. BatchReshaped
+# BatchReshaped
 def test_batch_reshaped_scores_as_its_base_on_the_flattened_value():
     loc = torch.randn(6, L, requires_grad=True)
     base = dist.Normal(loc, torch.rand(6, L) + 0.5).to_event(1)
@@ -263,7 +263,7 @@ def test_batch_reshaped_has_its_base_s_closed_form_kl_against_the_standard_prior
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. CVAE: sampling by class, and the refusals
+# CVAE: sampling by class, and the refusals
 def class_only_decoder(model):
     """A decoder that reads only the one-hot part of ``[z, onehot(y)]``: class k's mean image is sigmoid(w_k + b)."""
     decoder = nn.Linear(L + C, D)
@@ -331,7 +331,7 @@ def test_check_labels_refuses_in_one_line(y, words):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. build_model
+# build_model
 def test_build_model_builds_the_kind_named():
     assert type(build_model(ModelConfig(latent_dim=L, hidden_dims=(8,)), D, num_classes=4)) is VAE
     cvae = build_model(ModelConfig(kind="cvae", latent_dim=L, hidden_dims=(8,)), D, num_classes=4)
@@ -362,7 +362,7 @@ def test_m2_config_describes_the_model_and_round_trips():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. Config errors
+# Config errors
 @pytest.mark.parametrize(
     "make, words",
     [
@@ -410,7 +410,7 @@ def test_config_accepts_the_options_of_a_model_with_labels():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Importance-sampled log p(x) (M2) and log p(x | y) (CVAE) against a linear-Gaussian model in closed form
+# Importance-sampled log p(x) (M2) and log p(x | y) (CVAE) against a linear-Gaussian model in closed form
 SIGMA = 0.5  # the likelihood "gaussian:0.5": a fixed σ
 
 
@@ -541,7 +541,7 @@ def test_exact_posterior_guide_gives_the_exact_log_likelihood_at_any_chunking(fl
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. Every registered guide family as q(z | x, y)
+# Every registered guide family as q(z | x, y)
 @pytest.mark.parametrize("guide", family_names())
 @pytest.mark.parametrize("model_cls", [CVAE, SSVAE])
 def test_every_guide_family_works_as_q_of_z_given_x_and_y(model_cls, guide):
@@ -633,14 +633,15 @@ def test_enumerated_labels_give_each_class_its_own_q(guide):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 9. Accuracy
+# Accuracy
 def test_evaluation_accuracy_is_the_classifier_s_at_any_chunking():
     """Labels chosen so that q(y | x)'s most probable class is right for exactly 6 of the 10 images."""
     model, x = small(SSVAE), binary(10, D)
     likely = model.classify(x).probs.argmax(-1)
     y = torch.where(torch.arange(10) < 6, likely, (likely + 1) % C)
     direct = accuracy(model, x, y, batch_size=3)
-    assert direct.mean == pytest.approx(0.6) and direct.se == pytest.approx(math.sqrt(0.6 * 0.4 / 9) * math.sqrt(1))
+    # mean_se: the sample standard deviation (ddof 1) over √n, for six hits and four misses √(0.24 · 10/9 / 10)
+    assert direct.mean == pytest.approx(0.6) and direct.se == pytest.approx(math.sqrt(0.6 * 0.4 / 9))
     for chunk_size in (3, 4096):
         assert evaluate_labelled(model, x, y, ks=(1, 2), chunk_size=chunk_size).accuracy == direct
     assert evaluate_labelled_elbo(model, x, y, batch_size=4).accuracy == direct
@@ -652,7 +653,7 @@ def test_evaluation_accuracy_is_the_classifier_s_at_any_chunking():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8. Training: KL weights on both latent sites, fit end to end, bit-exact resume
+# Training: KL weights on both latent sites, fit end to end, bit-exact resume
 def test_kl_schedule_weights_both_latent_sites_of_m2_and_nothing_else():
     model = small(SSVAE)
     step = TrainStep(model, TrainConfig(kl_schedule="constant:0.25"), num_data=20)
