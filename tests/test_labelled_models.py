@@ -292,9 +292,13 @@ def test_sample_with_the_real_decoder_depends_on_the_label_and_the_generator():
     assert not torch.equal(a, model.sample(3, torch.Generator().manual_seed(1), label=1))
 
 
-@pytest.mark.parametrize("label", [C, -1, 1.5, "2"])
-def test_sample_refuses_a_label_out_of_range_in_one_line(label):
-    raises_one_line(ConfigError, ["label"], small(CVAE).sample, 4, label=label)
+@pytest.mark.parametrize(
+    "label, words",
+    [(C, ["label must be at most 2", "3 classes"]), (-1, ["label must be an integer >= 0"]), (1.5, ["got 1.5"]),
+     ("2", ["got '2'"])],
+)  # fmt: skip
+def test_sample_refuses_a_label_out_of_range_in_one_line(label, words):
+    raises_one_line(ConfigError, words, small(CVAE).sample, 4, label=label)
 
 
 def test_cvae_needs_labels_to_encode_decode_reconstruct_and_evaluate():
