@@ -122,8 +122,9 @@ def test_every_model_config_field_reaches_the_module_it_names():
         ),
         # The labelled models (pyro_vae.labelled): the class, the one-hot width the decoder reads, M2's α.
         "kind": lambda vae, v: vae.kind == v and type(vae).__name__ == "CVAE",
-        "num_classes": lambda vae, v: getattr(vae, "num_classes", None) == v
-        and linears(vae.decoder)[0].in_features == vae.latent_dim + v,
+        "num_classes": lambda vae, v: (
+            getattr(vae, "num_classes", None) == v and linears(vae.decoder)[0].in_features == vae.latent_dim + v
+        ),
         "aux_weight": lambda vae, v: getattr(vae, "aux_weight", None) == v,
     }
     fields = [f.name for f in dataclasses.fields(ModelConfig)]

@@ -294,7 +294,10 @@ class RunConfig:
                 "pass --model m2 (or cvae), or drop --labelled"
             )
         if self.train.labelled_batch is not None and kind != "m2":
-            raise ConfigError(f"--labelled-batch sets M2's labelled images per step; --model {kind} has no such mix")
+            raise ConfigError(
+                f"--labelled-batch sets M2's labelled images per step; --model {kind} has no such mix: pass "
+                "--model m2, or drop --labelled-batch"
+            )
         if kind == "m2" and parse_objective_spec(self.train.objective).name != "trace":
             raise ConfigError(
                 f"--model m2 sums the unlabelled y out by enumeration (TraceEnum_ELBO), which objective "

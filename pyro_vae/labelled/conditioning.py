@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.distributions import Independent, kl_divergence, register_kl
 from torch.nn import functional as F
 
 from pyro_vae.networks import Encoder, make_networks
@@ -36,6 +37,8 @@ __all__ = [
     "joined",
     "one_hot",
 ]
+
+_EMPTY = torch.Size()
 
 #: Networks that read an image as a flat vector: their label goes in as C extra numbers, not C extra channels.
 FLAT_NETWORKS = ("mlp",)
@@ -120,8 +123,10 @@ def build_conditional_networks(
     else:
         encoder_shape = (input_shape[0] + num_classes, *input_shape[1:])
     common = {"num_params": num_params, "hidden_dims": hidden_dims, "activation": activation}
+    # Only the pair's encoder is kept; its unused decoder must still be valid for the wider input (conv refuses an
+    # output that is not a whole number of its images), so it gets one value per input value.
     encoder = make_networks(
-        name, input_shape=encoder_shape, latent_dim=latent_dim + num_classes, output_dim=output_dim,
+        name, input_shape=encoder_shape, latent_dim=latent_dim + num_classes, output_dim=math.prod(encoder_shape),
         conv_channels=conv_channels, **common,
     ).encoder  # fmt: skip
     decoder = make_networks(
@@ -136,9 +141,10 @@ def build_classifier(
     conv_channels: Sequence[int],
 ) -> nn.Module:  # fmt: skip
     """The classifier network of q(y | x): the registered encoder ``name`` with ``num_classes`` outputs (logits)."""
+    # The pair's unused decoder gets one value per pixel, an output every network accepts.
     return make_networks(
-        name, input_shape=input_shape, latent_dim=1, num_params=num_classes, output_dim=1, hidden_dims=hidden_dims,
-        activation=activation, conv_channels=conv_channels,
+        name, input_shape=input_shape, latent_dim=1, num_params=num_classes, output_dim=math.prod(input_shape),
+        hidden_dims=hidden_dims, activation=activation, conv_channels=conv_channels,
     ).encoder  # fmt: skip
 
 
@@ -147,13 +153,17 @@ class BatchReshaped(dist.TorchDistribution):
     flattened inputs (:func:`apply_flat`) and this gives its distribution the inputs' batch shape back.
 
     Sampling is reparameterised when the base's is; ``log_prob`` flattens the value's batch dimensions, scores, and
-    restores them (extra leading sample dimensions are kept).
+    restores them (extra leading sample dimensions are kept). :meth:`expand` adds batch dimensions (vectorised
+    particles: ``(B,)`` to ``(P, B)``, or an enumerated ``(C, 1, B)`` to ``(C, P, B)``) by expanding the base to
+    ``(E, prod(batch))``, E the product of the new sizes, so every new position gets its own draw.
     """
 
     arg_constraints = {}
 
-    def __init__(self, base: dist.TorchDistribution, batch_shape: torch.Size, validate_args=None):
+    def __init__(self, base: dist.TorchDistribution, batch_shape: torch.Size, validate_args=None, *, order=None):
         self.base = base
+        # Where each batch position (row-major) lies in the base's flattened batch; None: the same place (no expand).
+        self._order: torch.Tensor | None = order
         # The last sample and the base's tensor it was reshaped from: flows score their own samples from a cache
         # keyed by the very tensor they returned (planar, radial, ...), so log_prob hands that tensor back.
         self._drawn: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -167,37 +177,84 @@ class BatchReshaped(dist.TorchDistribution):
     def support(self):
         return self.base.support
 
-    def _lift(self, value: torch.Tensor) -> torch.Tensor:
-        lead = value.shape[: value.dim() - len(self.event_shape) - 1]  # sample dimensions
-        return value.reshape(*lead, *self.batch_shape, *self.event_shape)
+    def _lift(self, value: torch.Tensor, n_event: int | None = None) -> torch.Tensor:
+        """``(*lead, *base.batch_shape, *event)`` → ``(*lead, *batch_shape, *event)`` (``n_event`` 0 for scores)."""
+        n_event = len(self.event_shape) if n_event is None else n_event
+        event = value.shape[value.dim() - n_event :]
+        lead = value.shape[: value.dim() - n_event - len(self.base.batch_shape)]
+        flat = value.reshape(*lead, -1, *event)
+        if self._order is not None:
+            self._order = self._order.to(flat.device)  # made on the CPU by expand; moved once
+            flat = flat.index_select(len(lead), self._order)
+        return flat.reshape(*lead, *self.batch_shape, *event)
 
-    def rsample(self, sample_shape=()) -> torch.Tensor:
-        drawn = self.base.rsample(torch.Size(sample_shape))
+    def _lower(self, value: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`_lift` for a value ``(*lead, *batch_shape, *event)``."""
+        n_event = len(self.event_shape)
+        lead = value.shape[: value.dim() - n_event - len(self.batch_shape)]
+        value = value.expand(*lead, *self.batch_shape, *self.event_shape)
+        flat = value.reshape(*lead, -1, *self.event_shape)
+        if self._order is not None:
+            self._order = self._order.to(flat.device)
+            flat = flat.index_select(len(lead), torch.argsort(self._order))
+        return flat.reshape(*lead, *self.base.batch_shape, *self.event_shape)
+
+    def rsample(self, sample_shape=_EMPTY) -> torch.Tensor:
+        drawn = self.base.rsample(sample_shape)
         self._drawn = (self._lift(drawn), drawn)
         return self._drawn[0]
 
-    def sample(self, sample_shape=()) -> torch.Tensor:
-        drawn = self.base.sample(torch.Size(sample_shape))
+    def sample(self, sample_shape=_EMPTY) -> torch.Tensor:
+        drawn = self.base.sample(sample_shape)
         self._drawn = (self._lift(drawn), drawn)
         return self._drawn[0]
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        n_batch, n_event = len(self.batch_shape), len(self.event_shape)
-        lead = value.shape[: value.dim() - n_batch - n_event]
         if self._drawn is not None and value is self._drawn[0]:
             flat = self._drawn[1]
         else:
-            flat = value.reshape(*lead, math.prod(self.batch_shape), *self.event_shape)
-        return self.base.log_prob(flat).reshape(*lead, *self.batch_shape)
+            flat = self._lower(value)
+        return self._lift(self.base.log_prob(flat), 0)
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.base.mean.reshape(*self.batch_shape, *self.event_shape)
+        return self._lift(self.base.mean)
 
     def expand(self, batch_shape, _instance=None):
-        # A plate asks for the shape it already has; anything else would need the base re-run on more inputs.
-        if torch.Size(batch_shape) == self.batch_shape:
+        """The same distribution over more batch dimensions, each new position with its own draws: new leading
+        dimensions, or sizes > 1 where the batch shape has 1 (Pyro's particle plate inside an enumerated y)."""
+        target = torch.Size(batch_shape)
+        if target == self.batch_shape:
             return self
-        raise NotImplementedError(
-            f"BatchReshaped of batch shape {tuple(self.batch_shape)} cannot expand to {tuple(batch_shape)}"
-        )
+        padded = torch.Size([1] * (len(target) - len(self.batch_shape)) + list(self.batch_shape))
+        if len(target) < len(self.batch_shape) or any(o not in (1, t) for o, t in zip(padded, target, strict=True)):
+            raise ValueError(f"BatchReshaped of batch shape {tuple(self.batch_shape)} cannot expand to {tuple(target)}")
+        new = [i for i, (old, size) in enumerate(zip(padded, target, strict=True)) if old == 1 and size != 1]
+        # The base grows a leading dimension of E = prod(new sizes): position t takes base row e(t), the row-major
+        # index of t's coordinates along the new dimensions, and within it the column it had before.
+        row = torch.zeros(target, dtype=torch.long)
+        stride = 1
+        for i in reversed(new):
+            row = row + stride * torch.arange(target[i]).reshape([-1 if j == i else 1 for j in range(len(target))])
+            stride *= target[i]
+        before = torch.arange(math.prod(self.batch_shape)) if self._order is None else self._order.cpu()
+        order = row * math.prod(self.base.batch_shape) + before.reshape(padded)
+        base = self.base.expand(torch.Size([stride, *self.base.batch_shape]))
+        return BatchReshaped(base, target, order=order.reshape(-1))
+
+
+@register_kl(BatchReshaped, Independent)
+def _kl_batch_reshaped(q: BatchReshaped, p: Independent) -> torch.Tensor:
+    """KL(q ‖ p) for a p of independent Normals over the event (the standard prior, the one ``meanfield`` takes): the
+    base's KL against p laid out as the base, so that q(z | x, y) has the closed form the VAE's q(z | x) has, where
+    the family has one (else ``NotImplementedError``, and Pyro estimates the KL from the sample, as for the VAE)."""
+    if (
+        not isinstance(p.base_dist, torch.distributions.Normal)
+        or p.reinterpreted_batch_ndims != 1
+        or p.event_shape != q.event_shape
+        or torch.broadcast_shapes(p.batch_shape, q.batch_shape) != q.batch_shape
+    ):
+        raise NotImplementedError(f"no closed-form KL of a BatchReshaped against {type(p).__name__}")
+    shape = (*q.batch_shape, *q.event_shape)
+    loc, scale = (q._lower(t.expand(shape)) for t in (p.base_dist.loc, p.base_dist.scale))
+    return q._lift(kl_divergence(q.base, dist.Normal(loc, scale).to_event(1)), 0)
