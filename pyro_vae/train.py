@@ -43,14 +43,12 @@ from pyro_vae.data import (
     data_record,
     derive_seed,
 )
-from pyro_vae.distributed import combine_mean_se, ddp, noise_seed, resolve_device, session, sum_over_ranks
+from pyro_vae.distributed import ddp, noise_seed, resolve_device, session, sum_over_ranks
 from pyro_vae.errors import ConfigError, NonFiniteLossError
-from pyro_vae.evaluation import ELBOResult
 from pyro_vae.labelled.training import check_label_inputs, epoch_evaluation, step_labels, training_data
 from pyro_vae.model import VAE
 from pyro_vae.run_dir import RunDir
 from pyro_vae.run_dir.opening import open_run
-from pyro_vae.stats import MeanSE
 from pyro_vae.step import TrainStep
 
 logger = logging.getLogger(__name__)
@@ -179,7 +177,9 @@ class _Loop:
             torch.set_num_threads(tc.threads)  # process-wide, as torch has it; recorded in the resolved config
         # The resolved config records what "auto" and "default threads" meant, so that a resume can compare them.
         self.resolved = config.replace(train={"threads": torch.get_num_threads(), "device": self.device.type})
-        self.data_record = data_record(data, config.data)  # name, sizes, fingerprint, absolute path
+        self.training = training_data(vae, data, config, self.device, self.rank, self.world_size)
+        labels = None if self.training.labelled is None else self.training.labelled.sha256
+        self.data_record = data_record(data, config.data)._replace(labels=labels)  # sizes, fingerprints, path
         self.fingerprint = self.data_record.sha256
         self.resumed = run.resume_state() if run is not None and run.resuming else None
         if self.resumed is not None:
@@ -187,7 +187,6 @@ class _Loop:
         vae.to(self.device)
         self.x_test = binarize_eval(data.x_test, dc.binarize, tc.seed, dc.threshold).to(self.device)
         self.y_test = None if data.y_test is None or vae.kind == "vae" else data.y_test.to(self.device)
-        self.training = training_data(vae, data, config, self.device, self.rank, self.world_size)
         self.batch_source, self.n_train = self.training.batches, self.training.num_data
         self.n_batches = len(self.batch_source)
         self.losses: list[float] = []
@@ -263,7 +262,7 @@ class _Loop:
     def end_epoch(self, epoch: int) -> EpochRecord:
         seconds = self._seconds()
         with pyro.validation_enabled(False):  # non-finite weights are the guard's to report, not a ValueError's
-            result, accuracy = _evaluate(self.vae, self.x_test, self.y_test, self.config.train.seed, self.ctx)
+            result, accuracy = epoch_evaluation(self.vae, self.x_test, self.y_test, self.config.train.seed, self.ctx)
         if not math.isfinite(result.elbo.mean):
             latest = self.run.latest() if self.run is not None else None
             raise NonFiniteLossError(
@@ -346,7 +345,7 @@ class _Loop:
     # -- resume ----------------------------------------------------------------------------------------------------
     def _check_resumable(self, force: bool) -> None:
         state, source = self.resumed, self.run.source
-        differences = state.differences(self.resolved.to_dict(), self.world_size, self.fingerprint)
+        differences = state.differences(self.resolved.to_dict(), self.world_size, self.fingerprint, self.data_record)
         if differences and not force:
             raise ConfigError(
                 f"cannot resume {source}: these settings differ from the checkpoint's and would change the result: "
@@ -425,6 +424,8 @@ def _consistent_config(vae: VAE, config: RunConfig | None) -> RunConfig:
     that ``config.json`` never records a model other than the one trained."""
     if config is None:
         return RunConfig(model=vae.config) if vae.config is not None else RunConfig()
+    if vae.config is not None and config.model.num_classes is None and vae.config.num_classes is not None:
+        config = config.replace(model={"num_classes": vae.config.num_classes})  # the data's C, which built the model
     if vae.config is not None and config.model != vae.config:
         differ = [
             f"{name} ({getattr(config.model, name)!r} in the config, {getattr(vae.config, name)!r} in the VAE)"
@@ -433,20 +434,7 @@ def _consistent_config(vae: VAE, config: RunConfig | None) -> RunConfig:
         ]
         raise ConfigError(
             f"config.model does not describe the VAE: {'; '.join(differ)}; "
-            "build the VAE with VAE.from_config(config.model, data.input_dim, data.image_shape)"
+            "build it with pyro_vae.labelled.build_model(config.model, data.input_dim, data.image_shape, "
+            "num_classes(data)) (VAE.from_config for the VAE)"
         )
     return config
-
-
-def _evaluate(vae: VAE, x_test: torch.Tensor, y_test, seed: int, ctx) -> tuple[ELBOResult, MeanSE | None]:
-    """Test ELBO (and M2's accuracy); under torchrun each rank evaluates its shard of the test images and the means
-    and standard errors are combined across ranks."""
-    if ctx is None:
-        return epoch_evaluation(vae, x_test, y_test, seed)
-    shard = x_test[ctx.rank :: ctx.world_size]
-    labels = None if y_test is None else y_test[ctx.rank :: ctx.world_size]
-    with vae.unrouted():  # no collectives inside: ranks may evaluate different numbers of images
-        part, accuracy = epoch_evaluation(vae, shard, labels, noise_seed(seed, ctx.rank))
-    n = shard.shape[0]
-    combined = ELBOResult(*(combine_mean_se(v, n) for v in (part.elbo, part.reconstruction, part.kl)), x_test.shape[0])
-    return combined, None if accuracy is None else combine_mean_se(accuracy, n)

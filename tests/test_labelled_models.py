@@ -793,3 +793,23 @@ def test_m2_vectorised_particles_on_cuda(guide):
     q = model.encode(x, torch.arange(C, device="cuda")[:, None]).expand((C, 2, 4))
     z = q.rsample()
     assert z.device.type == "cuda" and torch.isfinite(q.log_prob(z)).all()
+
+
+def test_resume_with_other_labels_is_refused_and_a_config_without_num_classes_is_completed(labelled_data, tmp_path):
+    """A resumed M2 run must train on the labels it started with: one changed label of a labelled image is named,
+    before anything is trained; and fit takes a config whose num_classes is unset (the model's, from the data)."""
+    config = fit_config("m2")
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_classes=None))
+    out = tmp_path / "run"
+    fit(new_model(config, labelled_data), labelled_data, config, out_dir=out)
+    written = json.loads((out / "config.json").read_text())
+    assert written["config"]["model"]["num_classes"] == 10
+    index = select_labelled(labelled_data.y_train, FIT_LABELLED, 10, config.train.seed)
+    y = labelled_data.y_train.clone()
+    y[index[0]] = (y[index[0]] + 1) % 10
+    changed = dataclasses.replace(labelled_data, y_train=y)
+    more = config.replace(train={"epochs": 2})
+    with pytest.raises(ConfigError, match="labelled images or their labels") as info:
+        fit(new_model(more, changed), changed, more, out_dir=out, resume=True)
+    assert "\n" not in str(info.value)
+    fit(new_model(more, labelled_data), labelled_data, more, out_dir=out, resume=True)  # the same labels resume

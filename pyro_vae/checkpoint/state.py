@@ -85,6 +85,10 @@ def _check_data(value: Any) -> str | None:
         return "needs 'sha256', a 64-digit hex fingerprint"
     if value.get("path") is not None and not isinstance(value["path"], str):
         return "has a 'path' that is neither a str nor None"
+    if value.get("labels") is not None and not (
+        isinstance(value["labels"], str) and re.fullmatch(r"[0-9a-f]{64}", value["labels"])
+    ):
+        return "has 'labels' that is neither None nor a 64-digit hex fingerprint"
     return None
 
 
@@ -248,16 +252,20 @@ class TrainingState:
         payload["metrics"] = {"offset": int(self.metrics_offset), "records": len(self.records)}
         return payload
 
-    def differences(self, config: dict, world_size: int, fingerprint: str) -> list[str]:
+    def differences(self, config: dict, world_size: int, fingerprint: str, data: DataRecord | None = None) -> list[str]:
         """What would change the result if this state were continued by a run with the resolved ``config``
         (``RunConfig.to_dict()``), ``world_size`` processes and data ``fingerprint``: the determinism-relevant
-        config fields (:func:`~pyro_vae.config.resume_differences`), the world size and the data, as
+        config fields (:func:`~pyro_vae.config.resume_differences`), the world size and the data (and, given the
+        run's :class:`~pyro_vae.data.DataRecord`, the labels a model with labels trains on), as
         ``["train.seed: 0 → 1", ...]``; empty when the run may resume."""
         out = resume_differences(self.config, config)
         if self.world_size != world_size:
             out.append(f"world size (processes): {self.world_size} → {world_size}")
         if self.data.sha256 != fingerprint:
             out.append(f"data fingerprint: {self.data.sha256[:12]}… → {fingerprint[:12]}…")
+        if data is not None and self.data.labels != data.labels:
+            before, after = (v[:12] + "…" if v else "none" for v in (self.data.labels, data.labels))
+            out.append(f"labelled images or their labels: {before} → {after}")
         return out
 
     def load_weights(self, module: torch.nn.Module, *, source: object) -> None:

@@ -38,6 +38,9 @@ class DataRecord(NamedTuple):
     n_test: int
     sha256: str
     path: str | None = None
+    #: :func:`labels_fingerprint` of the labelled images a model with labels trained on (which images, which
+    #: labels); ``None`` for the VAE, which reads no labels, and in records written before the field existed.
+    labels: str | None = None
 
 
 def _update(digest, tensor: torch.Tensor) -> None:

@@ -21,12 +21,12 @@ import torch
 from pyro_vae.config import RunConfig
 from pyro_vae.data import Batch, Dataset, EpochBatches, labels_fingerprint
 from pyro_vae.data.labels import MixedBatches, num_classes, select_labelled, split_labelled
+from pyro_vae.distributed import combine_mean_se, noise_seed
 from pyro_vae.errors import ConfigError
 from pyro_vae.evaluation import ELBOResult, evaluate_elbo
 from pyro_vae.labelled.evaluation import evaluate_labelled_elbo
 from pyro_vae.labelled.models import SSVAE, LabelledPart
 from pyro_vae.model import VAE
-from pyro_vae.stats import MeanSE
 
 __all__ = ["LabelledRecord", "TrainingData", "check_label_inputs", "epoch_evaluation", "step_labels", "training_data"]
 
@@ -104,8 +104,17 @@ def step_labels(vae: VAE, batch: Batch, num_labelled: int | None) -> dict:
     return {"y": batch.y}
 
 
-def epoch_evaluation(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, seed: int) -> tuple[ELBOResult, MeanSE | None]:
-    """The test ELBO after an epoch (the CVAE's given the labels, M2's with y summed out) and M2's accuracy."""
+def epoch_evaluation(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, seed: int, ctx=None):
+    """The test ELBO after an epoch (the VAE's; the CVAE's given the labels; M2's with y summed out) and M2's accuracy
+    (else ``None``), as ``(ELBOResult, MeanSE | None)``. Under torchrun (``ctx``) each rank evaluates its shard of the
+    test images, and the means and standard errors are combined across ranks."""
+    if ctx is not None:
+        shard, labels = x[ctx.rank :: ctx.world_size], None if y is None else y[ctx.rank :: ctx.world_size]
+        with vae.unrouted():  # no collectives inside: ranks may evaluate different numbers of images
+            part, accuracy = epoch_evaluation(vae, shard, labels, noise_seed(seed, ctx.rank))
+        n = shard.shape[0]
+        elbo = ELBOResult(*(combine_mean_se(v, n) for v in (part.elbo, part.reconstruction, part.kl)), x.shape[0])
+        return elbo, None if accuracy is None else combine_mean_se(accuracy, n)
     if vae.kind == "vae":
         return evaluate_elbo(vae, x, seed=seed), None
     result = evaluate_labelled_elbo(vae, x, y, seed=seed)
