@@ -160,7 +160,7 @@ def _add_sample(sub) -> None:
 
 #: The figures of ``pyro-vae plot --kind`` (those of :data:`pyro_vae.plotting.PLOT_KINDS`; a test keeps them equal,
 #: since this module must not import matplotlib).
-PLOT_KINDS = ("reconstructions", "samples", "latent", "traversal", "interpolation")
+PLOT_KINDS = ("reconstructions", "samples", "latent", "traversal", "interpolation", "classes")
 #: Suffixes ``pyro-vae plot --out`` can write (matplotlib picks the format from the suffix).
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
@@ -180,7 +180,8 @@ def _add_plot(sub) -> None:
         required=True,
         help="reconstructions (original, binarised model input, reconstruction), samples (from the prior), latent "
         "(posterior means in the 2 most active dimensions), traversal (the most active dimensions varied one per "
-        "row), interpolation (between two test images)",
+        "row), interpolation (between two test images; of one class for --model cvae/m2), classes (--model cvae/m2: "
+        "one row of samples per class)",
     )
     plot.add_argument(
         "--out",
@@ -191,8 +192,8 @@ def _add_plot(sub) -> None:
     plot.add_argument(
         "--n",
         type=int_type("--n", high=100_000, why="one figure"),
-        help="test images (reconstructions 8, latent 2000), samples (64), rows (traversal 8) or steps "
-        "(interpolation 10)",
+        help="test images (reconstructions 8, latent 2000), samples (64), rows (traversal 8), steps "
+        "(interpolation 10) or samples per class (classes 8)",
     )
     plot.add_argument(
         "--seed",

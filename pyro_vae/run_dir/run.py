@@ -21,6 +21,8 @@ from pyro_vae.data import Dataset, binarize_eval, load_dataset
 from pyro_vae.data.fingerprint import config_at, data_fingerprint, data_source
 from pyro_vae.errors import CheckpointError, ConfigError, DataError
 from pyro_vae.evaluation import DataProtocol, EvalResult, evaluate
+from pyro_vae.labelled import build_model, class_count
+from pyro_vae.labelled.evaluation import evaluate_labelled
 from pyro_vae.model import VAE
 from pyro_vae.run_dir.directory import is_run_config
 
@@ -61,9 +63,10 @@ def read_run_config(path: str | os.PathLike) -> RunConfig:
 
 
 def _build(config: RunConfig, state: TrainingState, source: Path) -> VAE:
-    """The VAE the config describes, with the checkpoint's weights; one line when they do not fit."""
+    """The model the config describes (a VAE, CVAE or M2: :func:`pyro_vae.labelled.build_model`; a model with labels
+    reads its number of classes from the config), with the checkpoint's weights; one line when they do not fit."""
     try:
-        vae = VAE.from_config(config.model, state.input_dim, state.image_shape)
+        vae = build_model(config.model, state.input_dim, state.image_shape)
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {source} describes a model this pyro_vae cannot build: {err}") from None
     state.load_weights(vae, source=source)
@@ -86,6 +89,7 @@ class Run:
     state: TrainingState
     path: Path
     checkpoint: Path
+    _data: Dataset | None = dataclasses.field(default=None, repr=False, compare=False)  # run.data(), read once
 
     @property
     def metrics(self) -> list[dict]:
@@ -115,6 +119,8 @@ class Run:
         :raises DataError: if the images differ from the ones the run was trained on; names both fingerprints and
             both sources.
         """
+        if config_override is None and self._data is not None:
+            return self._data
         recorded = self.state.data
         config = config_override if config_override is not None else config_at(self.config.data, recorded.path)
         data = load_dataset(config)
@@ -127,6 +133,8 @@ class Run:
                 f"{recorded.sha256[:16]}); pass the run's own data: run.data(DataConfig(...)) with the settings it was "
                 "trained on (fit records config.data, which must describe the data it was given)"
             )
+        if config_override is None:
+            self._data = data
         return data
 
     def test_images(self, n: int | None = None) -> torch.Tensor:
@@ -143,18 +151,33 @@ class Run:
             x = x[:n]
         return x.to(next(self.vae.parameters()).device)
 
+    def test_labels(self, n: int | None = None) -> torch.Tensor | None:
+        """The labels of :meth:`test_images` (the first ``n``), on the model's device; ``None`` for data without
+        labels."""
+        y = self.data().y_test
+        if y is None:
+            return None
+        if n is not None:
+            check_int("n", n, low=1)
+        return y[:n].to(next(self.vae.parameters()).device)
+
     def protocol(self) -> DataProtocol:
         """The data protocol of the run's test split (data set, binarisation and its seed)."""
         return DataProtocol.from_config(self.config.data, self.config.train.seed, dataset=self.state.data.name)
 
     def evaluate(self, ks: Sequence[int] = (1, 100, 1000), n: int | None = None, **kw) -> EvalResult:
-        """:func:`pyro_vae.evaluation.evaluate` on the run's test split with its protocol (binarisation and seed).
+        """:func:`pyro_vae.evaluation.evaluate` on the run's test split with its protocol (binarisation and seed); for
+        a model with labels :func:`pyro_vae.labelled.evaluation.evaluate_labelled` with the test labels (the CVAE's
+        bounds are on log p(x | y), M2's on log p(x) with y summed out, and M2's result holds its accuracy).
 
         :param ks: particle counts of the importance-weighted bounds.
         :param n: evaluate the first ``n`` test images only (default: all).
-        :param kw: passed on (``chunk_size``, ``seed``).
+        :param kw: passed on (``chunk_size``, ``seed``, ``progress``).
         """
-        return evaluate(self.vae, self.test_images(n), ks, protocol=self.protocol(), **kw)
+        x = self.test_images(n)
+        if class_count(self.vae) is None:
+            return evaluate(self.vae, x, ks, protocol=self.protocol(), **kw)
+        return evaluate_labelled(self.vae, x, self.test_labels(n), ks, protocol=self.protocol(), **kw)
 
 
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
