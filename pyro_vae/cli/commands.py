@@ -190,15 +190,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from pyro_vae.cli.sampling import draw_samples, sample_bytes, sample_target, write_samples
+    from pyro_vae.cli.sampling import check_label, draw_samples, sample_bytes, sample_target, write_samples
 
     out, fmt = sample_target(args.run_dir, args.out, args.format, args.n, args.overwrite)  # before the run loads
-    from pyro_vae.run_dir import load_run
+    from pyro_vae.run_dir import load_run, read_run_config
 
+    if args.label is not None:  # the saved config says the model and its classes: refused before any weights load
+        model = read_run_config(args.run_dir).model
+        check_label(args.label, model.kind, model.num_classes)
     run = load_run(args.run_dir)  # a reader: no lock, so a run that is training goes on
-    samples = draw_samples(run.vae, args.n, seed=args.seed, draws=args.draws)
+    samples = draw_samples(run.vae, args.n, seed=args.seed, draws=args.draws, label=args.label)
     written = write_samples(run.path, out, sample_bytes(samples, run.state.image_shape, fmt))
-    print(f"wrote {args.n} {'draws' if args.draws else 'decoder means'} to {written}")
+    of = "" if args.label is None else f" of class {args.label}"
+    print(f"wrote {args.n} {'draws' if args.draws else 'decoder means'}{of} to {written}")
     return 0
 
 

@@ -130,7 +130,7 @@ def _format(text: str) -> str:
 
 
 def _add_sample(sub) -> None:
-    sample = _sub(sub, "sample", "draw images from a trained run's prior and decoder")
+    sample = _sub(sub, "sample", "draw images from a trained run's prior and decoder (by class for cvae/m2)")
     sample.add_argument("run_dir", type=Path, help="a directory written by 'pyro-vae train' (it may be training)")
     sample.add_argument(
         "--n", type=int_type("--n", high=4096, why="one grid image"), default=64, help="number of samples (default 64)"
@@ -154,6 +154,12 @@ def _add_sample(sub) -> None:
         "--draws",
         action="store_true",
         help="draw x ~ p(x|z) for each code instead of the decoder mean E[x|z] (the figure's title says which)",
+    )
+    sample.add_argument(
+        "--label",
+        type=int_type("--label", low=0),
+        metavar="K",
+        help="--model cvae/m2 runs: every sample of class K (0..C-1); default balanced over the classes",
     )
     sample.set_defaults(run=commands.cmd_sample)
 
