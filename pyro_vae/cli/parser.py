@@ -48,7 +48,7 @@ def _int_list(value: str) -> tuple[int, ...]:
 def _vary(text: str):
     """``FIELD=V1,V2,...`` checked at once: the field against the options a comparison can vary (close-match hint),
     each value as the field's own flag checks it; returns ``(field, values)``."""
-    from pyro_vae.compare import vary_fields  # imports torch: only when --vary is given
+    from pyro_vae.compare_checks import KIND_NOT_VARIED, vary_fields  # imports torch: only when --vary is given
 
     field, sep, values = text.partition("=")
     field = field.strip().replace("-", "_")
@@ -56,6 +56,8 @@ def _vary(text: str):
         raise argparse.ArgumentTypeError(
             f"expected FIELD=V1,V2,..., e.g. likelihood=bernoulli,continuous_bernoulli; got {text!r}"
         )
+    if field in ("model", "kind"):
+        raise argparse.ArgumentTypeError(KIND_NOT_VARIED)
     fields = vary_fields()
     if field not in fields:
         raise argparse.ArgumentTypeError(str(unknown_choice("option to vary", field, fields)))
