@@ -42,6 +42,7 @@ LAYERS = {
     "distributed": 3,
     # 4: the compiled step composes objectives and optim
     "compile": 4,
+    "labelled": 4,  # the CVAE and M2: models (2), their evaluation (3) and training glue, below train and run_dir
     # 5: the step and the run directory
     "step": 5,
     "run_dir": 5,
@@ -50,6 +51,7 @@ LAYERS = {
     "train": 7,
     # 8-9: side-by-side runs and figures
     "compare_report": 8,
+    "compare_checks": 8,
     "plotting": 8,
     "compare": 9,
     "cli": 10,
