@@ -95,6 +95,8 @@ def test_evaluate_prints_m2s_accuracy_and_writes_it(runs, capsys):
         hits = (run.vae.classifier(x).argmax(-1) == y).double()
     assert record["accuracy"] == pytest.approx(hits.mean().item(), abs=1e-12)
     assert record["accuracy_se"] == pytest.approx((hits.std() / hits.numel() ** 0.5).item(), rel=1e-9)
+    assert cli.main(["evaluate", str(runs["m2"]), "--gaps"]) == 2  # the gaps are the plain VAE's
+    assert "--gaps measures the inference gaps of a plain VAE" in one_error_line(capsys)
 
 
 @pytest.mark.slow

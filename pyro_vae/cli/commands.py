@@ -165,11 +165,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir)
     if args.gaps and class_count(run.vae) is not None:
         raise ConfigError(f"--gaps measures the inference gaps of a plain VAE; run {run.path} is a {run.vae.kind}")
-    x_test = run.test_images(args.n)  # the run's own data: their fingerprint is checked
+    held_out = run.held_out(args.n)  # the run's own data: their fingerprint is checked
+    x_test = held_out.x
     with Progress(x_test.shape[0], desc="evaluate", unit="images", logger=logger) as progress:
-        # a model with labels is scored with the test labels (Run.evaluate: the CVAE's log p(x | y), M2's accuracy)
-        result = run.evaluate(
-            args.k, args.n, chunk_size=args.chunk_size, seed=args.seed, progress=progress.update
+        # a model with labels is scored with the test labels (the CVAE's log p(x | y), M2's accuracy)
+        result = run.evaluate_on(
+            held_out, args.k, chunk_size=args.chunk_size, seed=args.seed, progress=progress.update
         )  # fmt: skip
     record = result.to_json()
     print(result.table())

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -73,6 +73,13 @@ def _build(config: RunConfig, state: TrainingState, source: Path) -> VAE:
     return vae
 
 
+class HeldOut(NamedTuple):
+    """A run's test images as the model is evaluated on them, ``(M, D)``, and their labels ``(M,)`` (or ``None``)."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+
+
 @dataclasses.dataclass
 class Run:
     """A trained run, as :func:`load_run` returns it.
@@ -89,7 +96,6 @@ class Run:
     state: TrainingState
     path: Path
     checkpoint: Path
-    _data: Dataset | None = dataclasses.field(default=None, repr=False, compare=False)  # run.data(), read once
 
     @property
     def metrics(self) -> list[dict]:
@@ -119,8 +125,6 @@ class Run:
         :raises DataError: if the images differ from the ones the run was trained on; names both fingerprints and
             both sources.
         """
-        if config_override is None and self._data is not None:
-            return self._data
         recorded = self.state.data
         config = config_override if config_override is not None else config_at(self.config.data, recorded.path)
         data = load_dataset(config)
@@ -133,33 +137,35 @@ class Run:
                 f"{recorded.sha256[:16]}); pass the run's own data: run.data(DataConfig(...)) with the settings it was "
                 "trained on (fit records config.data, which must describe the data it was given)"
             )
-        if config_override is None:
-            self._data = data
         return data
+
+    def held_out(self, n: int | None = None) -> HeldOut:
+        """The run's test images, binarised as they were evaluated during training, and their labels, on the model's
+        device; the data are read (and their fingerprint checked) once.
+
+        :param n: the first ``n`` images only (default: all).
+        """
+        data, dc = self.data(), self.config.data
+        x, y = binarize_eval(data.x_test, dc.binarize, self.config.train.seed, dc.threshold), data.y_test
+        if n is not None:
+            check_int("n", n, low=1)
+            if n > x.shape[0]:
+                raise ConfigError(f"n={n} exceeds the run's {x.shape[0]} test images; use {x.shape[0]} or less")
+            x, y = x[:n], None if y is None else y[:n]
+        device = next(self.vae.parameters()).device
+        return HeldOut(x.to(device), None if y is None else y.to(device))
 
     def test_images(self, n: int | None = None) -> torch.Tensor:
         """The run's test split, binarised as it was evaluated during training, on the model's device.
 
         :param n: the first ``n`` images only (default: all).
         """
-        data, dc = self.data(), self.config.data
-        x = binarize_eval(data.x_test, dc.binarize, self.config.train.seed, dc.threshold)
-        if n is not None:
-            check_int("n", n, low=1)
-            if n > x.shape[0]:
-                raise ConfigError(f"n={n} exceeds the run's {x.shape[0]} test images; use {x.shape[0]} or less")
-            x = x[:n]
-        return x.to(next(self.vae.parameters()).device)
+        return self.held_out(n).x
 
     def test_labels(self, n: int | None = None) -> torch.Tensor | None:
         """The labels of :meth:`test_images` (the first ``n``), on the model's device; ``None`` for data without
         labels."""
-        y = self.data().y_test
-        if y is None:
-            return None
-        if n is not None:
-            check_int("n", n, low=1)
-        return y[:n].to(next(self.vae.parameters()).device)
+        return self.held_out(n).y
 
     def protocol(self) -> DataProtocol:
         """The data protocol of the run's test split (data set, binarisation and its seed)."""
@@ -174,10 +180,13 @@ class Run:
         :param n: evaluate the first ``n`` test images only (default: all).
         :param kw: passed on (``chunk_size``, ``seed``, ``progress``).
         """
-        x = self.test_images(n)
+        return self.evaluate_on(self.held_out(n), ks, **kw)
+
+    def evaluate_on(self, held_out: HeldOut, ks: Sequence[int] = (1, 100, 1000), **kw) -> EvalResult:
+        """:meth:`evaluate` on images (and labels) already read by :meth:`held_out`."""
         if class_count(self.vae) is None:
-            return evaluate(self.vae, x, ks, protocol=self.protocol(), **kw)
-        return evaluate_labelled(self.vae, x, self.test_labels(n), ks, protocol=self.protocol(), **kw)
+            return evaluate(self.vae, held_out.x, ks, protocol=self.protocol(), **kw)
+        return evaluate_labelled(self.vae, held_out.x, held_out.y, ks, protocol=self.protocol(), **kw)
 
 
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
