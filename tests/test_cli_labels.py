@@ -14,7 +14,7 @@ from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import ConfigError
 from pyro_vae.labelled import CVAE, SSVAE, build_model
-from pyro_vae.plotting import class_grid, interpolation, run_figure, sample_grid
+from pyro_vae.plotting import class_grid, interpolation, labelled_samples, run_figure, sample_grid
 from pyro_vae.run_dir import load_run
 
 TINY = ["--n-train", "300", "--n-test", "100", "--epochs", "1", "--batch-size", "100", "--latent-dim", "2"]
@@ -111,6 +111,15 @@ def test_sample_label_draws_every_image_of_that_class_as_the_python_api_does(run
     np.testing.assert_array_equal(saved["x"].reshape(6, -1), expected.numpy())
     assert cli.main(["sample", str(runs[kind]), "--n", "12", "--out", str(out), "--overwrite"]) == 0
     np.testing.assert_array_equal(np.load(out)["y"], np.arange(12) % 10)  # default: balanced over the classes
+    assert (
+        cli.main(["sample", str(runs[kind]), "--n", "5", "--label", "1", "--draws", "--out", str(out), "--overwrite"])
+        == 0
+    )
+    drawn = np.load(out)
+    assert set(np.unique(drawn["x"])) <= {0.0, 1.0} and bool(drawn["draws"])  # Bernoulli draws x ~ p(x | z, y)
+    expected = labelled_samples(load_run(runs[kind]).vae, 5, seed=0, draws=True, label=1)
+    np.testing.assert_array_equal(drawn["x"].reshape(5, -1), expected.x.numpy())
+    np.testing.assert_array_equal(drawn["z"], expected.z.numpy())
 
 
 @pytest.mark.slow
@@ -143,7 +152,9 @@ def test_m2_and_cvae_train_from_a_users_labelled_npz(npz, tmp_path, capsys):
     capsys.readouterr()
     fig = run_figure(load_run(tmp_path / "cvae"), "classes", n=2)
     assert [ax.get_ylabel() for ax in fig.axes] == list(CLASSES)  # the npz's class names
-    assert cli.main(["sample", str(tmp_path / "cvae"), "--n", "4", "--label", "2", "--out", str(tmp_path / "s.png")]) == 0
+    assert (
+        cli.main(["sample", str(tmp_path / "cvae"), "--n", "4", "--label", "2", "--out", str(tmp_path / "s.png")]) == 0
+    )
 
 
 # -- bad input: one line, exit status 2, nothing written ---------------------------------------------------------------

@@ -69,27 +69,10 @@ def check_label(label: int | None, kind: str, num_classes: int | None) -> None:
     check_int("--label", label, low=0, high=num_classes - 1, why=f"the run's model has {num_classes} classes")
 
 
-def _labelled_samples(vae: VAE, n: int, seed: int, draws: bool, label: int | None) -> Samples:
-    """A model with labels: codes from its prior module and classes ``label`` (default balanced); the means are
-    exactly ``vae.sample(n, generator, label=label)`` for a generator seeded with ``seed``."""
-    import pyro
-    import torch
-
-    ref = next(vae.decoder.parameters())
-    z = vae.prior.sample_codes(n, ref, torch.Generator(device=ref.device).manual_seed(seed))  # (n, L)
-    y = vae.sample_labels(n, label, ref)  # (n,)
-    if draws:
-        pyro.set_rng_seed(seed)
-        x = vae.decode(z, y).sample()
-    else:
-        x = vae.sample(n, generator=torch.Generator(device=ref.device).manual_seed(seed), label=label)  # same z
-    return Samples(z.detach().cpu(), x.detach().cpu(), draws, y.cpu(), label)
-
-
 def draw_samples(vae: VAE, n: int, *, seed: int = 0, draws: bool = False, label: int | None = None) -> Samples:
-    """``n`` codes from the model's prior and their images; seeded by ``seed`` (Pyro's global seed is set). A model
-    with labels draws every image at class ``label`` (default ``None``: balanced over the classes); the VAE
-    refuses a label.
+    """``n`` codes from the model's prior and their images; seeded by ``seed`` (for the VAE Pyro's global seed is
+    set). A model with labels draws every image at class ``label`` (default ``None``: balanced over the classes),
+    as :func:`pyro_vae.plotting.generative.labelled_samples` does; the VAE refuses a label.
 
     The model runs once on a placeholder batch with its observation unconditioned, so ``z`` comes from whatever
     prior the model samples (not a hard-coded N(0, I)); the images are the likelihood's mean (``likelihood.mean``,
@@ -103,8 +86,11 @@ def draw_samples(vae: VAE, n: int, *, seed: int = 0, draws: bool = False, label:
 
     check_label(label, vae.kind, getattr(vae, "num_classes", None))
     if getattr(vae, "num_classes", None) is not None:
-        with torch.no_grad(), eval_mode(vae):
-            return _labelled_samples(vae, n, seed, draws, label)
+        from pyro_vae.plotting.generative import labelled_samples  # the figures' draws, so both show the same
+
+        with eval_mode(vae):
+            drawn = labelled_samples(vae, n, seed, draws, label)
+        return Samples(drawn.z.cpu(), drawn.x.cpu(), draws, drawn.y.cpu(), label)
     ref = next(vae.parameters())
     pyro.set_rng_seed(seed)
     with torch.no_grad(), eval_mode(vae):

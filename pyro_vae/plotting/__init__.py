@@ -14,7 +14,7 @@ layer imports it.
 * :mod:`~pyro_vae.plotting.runs`: the figures of a run (:func:`save_run_figures`, :func:`run_figure`).
 """
 
-from pyro_vae.plotting.generative import class_grid, interpolation, latent_traversal, sample_grid
+from pyro_vae.plotting.generative import class_grid, interpolation, labelled_samples, latent_traversal, sample_grid
 from pyro_vae.plotting.images import image_grid, image_layout, image_rows, reconstruction_grid
 from pyro_vae.plotting.latent import (
     ActiveDims,
@@ -37,6 +37,7 @@ __all__ = [
     "image_layout",
     "image_rows",
     "interpolation",
+    "labelled_samples",
     "latent_posteriors",
     "latent_scatter",
     "latent_traversal",

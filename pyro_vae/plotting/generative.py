@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from matplotlib.figure import Figure
@@ -28,7 +29,16 @@ from pyro_vae.plotting.conditioning import decode, encode, encoder_labels, image
 from pyro_vae.plotting.images import image_grid, image_rows
 from pyro_vae.plotting.latent import most_active_dims
 
-__all__ = ["MAX_CLASS_ROWS", "PRIOR_MOMENT_SAMPLES", "class_grid", "interpolation", "latent_traversal", "sample_grid"]
+__all__ = [
+    "MAX_CLASS_ROWS",
+    "PRIOR_MOMENT_SAMPLES",
+    "LabelledDraws",
+    "class_grid",
+    "interpolation",
+    "labelled_samples",
+    "latent_traversal",
+    "sample_grid",
+]
 
 #: The most classes :func:`class_grid` draws a row for (a figure of more rows is unreadable): pass ``classes``.
 MAX_CLASS_ROWS = 50
@@ -71,16 +81,29 @@ def _prior_moments(vae: VAE) -> tuple[torch.Tensor, torch.Tensor]:
         return draws.mean(0), draws.std(0)
 
 
-def _labelled_samples(vae: VAE, n: int, seed: int, draws: bool, label: int | None) -> torch.Tensor:
-    """``(n, D)`` images of a model with labels: codes from p(z), labels ``label`` (default balanced, ``i mod C``)."""
-    device = _device(vae)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    if not draws:
-        return vae.sample(n, generator=generator, label=label)
+class LabelledDraws(NamedTuple):
+    """What :func:`labelled_samples` drew: codes ``z`` ``(n, L)``, classes ``y`` ``(n,)``, images ``x`` ``(n, D)``."""
+
+    z: torch.Tensor
+    y: torch.Tensor
+    x: torch.Tensor
+
+
+@torch.no_grad()
+def labelled_samples(vae: VAE, n: int, seed: int = 0, draws: bool = False, label: int | None = None) -> LabelledDraws:
+    """``n`` samples of a model with labels: codes z ~ p(z) from a generator seeded with ``seed``, classes ``label``
+    (default balanced, image i of class i mod C), and the decoder means E[x | z, y] (exactly
+    ``vae.sample(n, generator, label=label)``) or, with ``draws``, one draw x ~ p(x | z, y) each, from their own
+    seeded stream (:func:`~pyro_vae.importance.own_rng`: the caller's stream is left as it was)."""
     ref = next(vae.decoder.parameters())
-    z = vae.prior.sample_codes(n, ref, generator)
-    with own_rng(z, seed):
-        return vae.decode(z, vae.sample_labels(n, label, ref)).sample()
+    z = vae.prior.sample_codes(n, ref, torch.Generator(device=ref.device).manual_seed(seed))  # (n, L)
+    y = vae.sample_labels(n, label, ref)  # (n,): also refuses a label out of range
+    if draws:
+        with own_rng(z, seed):
+            x = vae.decode(z, y).sample()
+    else:
+        x = vae.sample(n, generator=torch.Generator(device=ref.device).manual_seed(seed), label=label)  # same z
+    return LabelledDraws(z, y, x)
 
 
 def _label_title(vae: VAE, label: int | None, class_names: Sequence[str] | None) -> str:
@@ -113,7 +136,7 @@ def sample_grid(
     """
     check_int("n", n, low=1)
     if reads_labels(vae):
-        images = _labelled_samples(vae, n, seed, draws, label)
+        images = labelled_samples(vae, n, seed, draws, label).x
         title = ("draws x ~ p(x|z,y)" if draws else "decoder means E[x|z,y]") + ", z ~ p(z)"
         title += _label_title(vae, label, class_names)
     elif label is not None:
