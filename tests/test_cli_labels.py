@@ -243,6 +243,14 @@ def test_plot_classes_of_a_vae_run_is_one_line_before_the_data_load(vae_run, cap
     assert not (vae_run / "plots").exists()
 
 
+def test_compare_of_a_cvae_on_data_without_labels_is_one_line_and_writes_nothing(npz, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["--model", "cvae", "--data", str(npz / "unlabelled.npz"), "--vary", "guide=mvn_diag,diag_normal"]
+    assert cli.main(["compare", *args, "--epochs", "1", "--batch-size", "20", "--out", str(out), "--no-isolate"]) == 2
+    assert "has no labels" in one_error_line(capsys)
+    assert not out.exists()
+
+
 def test_compare_refuses_to_vary_the_model_in_one_line(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["compare", "--vary", "model=vae,m2"])

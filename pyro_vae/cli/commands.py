@@ -73,7 +73,8 @@ def _train_target(args: argparse.Namespace) -> tuple[Path, Path | None, RunConfi
 
         # The guide spec's options come from the user ("low_rank:../x" passes the family check): keep the derived
         # name a plain component of runs/.
-        name = f"{config.model.guide.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        kind = "" if config.model.kind == "vae" else f"{config.model.kind}-"  # runs/m2-mvn_diag-<time>
+        name = f"{kind}{config.model.guide.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
         out = Path("runs") / safe_name(name.replace("/", "-"), what="run name")
     else:
         out = args.out

@@ -82,7 +82,9 @@ def _sub(sub, name: str, help_text: str, description: str | None = None) -> argp
 def _add_train(sub) -> None:
     train = _sub(sub, "train", "train a VAE and write a run directory")
     add_config_flags(train)
-    train.add_argument("--out", type=Path, help="run directory (default runs/<guide>-<time>)")
+    train.add_argument(
+        "--out", type=Path, help="run directory (default runs/<guide>-<time>, runs/<model>-<guide>-<time>)"
+    )
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     train.add_argument(
         "--resume",
