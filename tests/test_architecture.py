@@ -40,9 +40,9 @@ LAYERS = {
     "checkpoint": 3,
     "optim": 3,
     "distributed": 3,
-    # 4: the compiled step composes objectives and optim
+    # 4: the compiled step composes objectives and optim; the models with labels compose model and evaluation
     "compile": 4,
-    "labelled": 4,  # the CVAE and M2: models (2), their evaluation (3) and training glue, below train and run_dir
+    "labelled": 4,
     # 5: the step and the run directory
     "step": 5,
     "run_dir": 5,
