@@ -45,6 +45,11 @@ Reported per value (a :class:`CompareRow`):
   its memory part of the peak. ``nll_images`` restricts it to the first test images (K forward passes of the
   decoder per image make it cost far more than training on a CPU); the table says how many.
 
+- **accuracy** (M2): of q(y | x) on the test split after the last epoch, mean ± standard error over seeds.
+
+A base config of ``--model cvae`` or ``m2`` compares like the VAE's, each run recording the data's C; the model kind
+itself is no option to vary (:data:`KIND_NOT_VARIED` says why).
+
 Every argument, the data and the output directory are checked before anything is trained or written: a refused
 comparison leaves no file behind. The records and their tables live in :mod:`pyro_vae.compare_report`.
 """
@@ -68,13 +73,24 @@ from pyro.infer import SVI
 
 from pyro_vae._memory import PeakRSS
 from pyro_vae.checkpoint import atomic_write_bytes, environment_info, safe_name
+from pyro_vae.compare_checks import (
+    VARY_FIELDS,
+    check_counts,
+    check_data,
+    check_out_dir,
+    check_values,
+    run_configs,
+    vary_fields,
+    with_classes,
+)
 from pyro_vae.compare_report import REFERENCE_GUIDE, CompareResult, CompareRow, SeedRun, summarise
-from pyro_vae.config import SECTIONS, SEED_MAX, ModelConfig, RunConfig, check_int
-from pyro_vae.data import Dataset, binarize_eval, check_batch_size, check_likelihood_data, derive_seed, load_dataset
-from pyro_vae.errors import ConfigError, NonFiniteLossError, unknown_choice
-from pyro_vae.evaluation import DataProtocol, evaluate, evaluate_elbo
-from pyro_vae.guides import make_family
-from pyro_vae.likelihoods import make_likelihood
+from pyro_vae.config import SECTIONS, ModelConfig, RunConfig
+from pyro_vae.data import Dataset, binarize_eval, derive_seed, load_dataset
+from pyro_vae.errors import ConfigError, NonFiniteLossError
+from pyro_vae.evaluation import DataProtocol, evaluate
+from pyro_vae.labelled import SSVAE, build_model, class_count
+from pyro_vae.labelled.evaluation import evaluate_labelled
+from pyro_vae.labelled.training import epoch_evaluation
 from pyro_vae.model import VAE
 from pyro_vae.objectives import make_objective
 from pyro_vae.optim import adamw
@@ -98,15 +114,10 @@ __all__ = [
     "vary_fields",
 ]
 
-#: The files a comparison writes into its output directory (besides ``runs/``, one run directory per run).
-COMPARE_FILES = ("config.json", "compare.md", "compare.csv", "runs.csv")
-#: The options a comparison may vary, one at a time, where the config has them (:func:`vary_fields`): data, seed
-#: and budget stay shared, so only model choices and the objective are here.
-VARY_FIELDS = ("guide", "prior", "likelihood", "network", "objective")
-
 
 def initial_vae(model: ModelConfig, input_dim: int, seed: int, image_shape: Sequence[int] | None = None) -> VAE:
-    """The VAE a comparison starts from: shared parts identical across families for a given seed.
+    """The model a comparison starts from (a VAE, or the CVAE or M2 with ``model.num_classes`` set that
+    ``model.kind`` names): shared parts identical across families for a given seed.
 
     The encoder body and the decoder are re-initialised (each layer's ``reset_parameters``, in module order) from
     ``torch.manual_seed(derive_seed("compare-shared", seed))``, the encoder head from
@@ -120,7 +131,7 @@ def initial_vae(model: ModelConfig, input_dim: int, seed: int, image_shape: Sequ
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed("compare-family", seed, model.guide))
-        vae = VAE.from_config(model, input_dim, image_shape)
+        vae = build_model(model, input_dim, image_shape)
         torch.manual_seed(derive_seed("compare-shared", seed))
         for module in (*vae.encoder.body.modules(), *vae.decoder.modules()):
             reset = getattr(module, "reset_parameters", None)
@@ -132,16 +143,19 @@ def initial_vae(model: ModelConfig, input_dim: int, seed: int, image_shape: Sequ
 
 
 def _warm_up(config: RunConfig, input_dim: int, image_shape: Sequence[int] | None) -> None:
-    """One SVI step and one evaluation of a tiny VAE with the run's family, objective and optimiser, on two random
-    images, so that one-time initialisation (the first fused AdamW step alone maps about 150 MiB of kernels) happens
-    before the memory of the run is measured. The global RNG is left as it was."""
+    """One SVI step and one evaluation of a tiny model of the run's kind (labels 0, 1; M2 enumerates y) with the
+    run's family, objective and optimiser, on two random images, so that one-time initialisation (the first fused
+    AdamW step alone maps about 150 MiB of kernels) happens before the memory of the run is measured. The global RNG
+    is left as it was."""
     model = dataclasses.replace(config.model, hidden_dims=(8,))
     with torch.random.fork_rng(devices=[]):
-        vae = VAE.from_config(model, input_dim, image_shape)
-        x = torch.rand(2, input_dim).bernoulli()
-        svi = SVI(vae.model, vae.guide, adamw(), make_objective(config.train.objective, config.train.num_particles))
-        svi.step(x)
-        evaluate_elbo(vae, x)
+        vae = build_model(model, input_dim, image_shape)  # a model with labels has num_classes set by _with_classes
+        x, y = torch.rand(2, input_dim).bernoulli(), torch.arange(2)
+        objective = make_objective(config.train.objective, config.train.num_particles, enumerate=vae.enumerates)
+        if isinstance(vae, SSVAE):
+            vae.set_aux_weight(2)
+        SVI(vae.model, vae.guide, adamw(), objective).step(x, **({"y": y} if vae.kind == "cvae" else {}))
+        epoch_evaluation(vae, x, None if vae.kind == "vae" else y, seed=0)
 
 
 class _Job(NamedTuple):
@@ -153,17 +167,6 @@ class _Job(NamedTuple):
     run_dir: Path | None
     config: RunConfig
     reference_model: ModelConfig
-
-
-def vary_fields() -> dict[str, str]:
-    """The options a comparison can vary in this version of the config: field name → section (``"model"`` or
-    ``"train"``), in the order of :data:`VARY_FIELDS`."""
-    present = {name: section for section in ("model", "train") for name in _field_names(section)}
-    return {name: present[name] for name in VARY_FIELDS if name in present}
-
-
-def _field_names(section: str) -> list[str]:
-    return [f.name for f in dataclasses.fields(SECTIONS[section])]
 
 
 def shared_weights(vae: VAE, reference: VAE) -> int:
@@ -193,7 +196,11 @@ def _nll(vae: VAE, data: Dataset, config: RunConfig, nll_k: int, nll_images: int
     x_test = x_test.to(next(vae.parameters()).device)
     protocol = DataProtocol.from_config(dc, seed, dataset=data.name)
     start = time.perf_counter()
-    nll = evaluate(vae, x_test, ks=(nll_k,), protocol=protocol, seed=seed).nll
+    if class_count(vae) is None:
+        nll = evaluate(vae, x_test, ks=(nll_k,), protocol=protocol, seed=seed).nll
+    else:  # the CVAE's is of log p(x | y), with the test labels; M2's of log p(x), y summed out
+        y_test = data.y_test[: x_test.shape[0]].to(x_test.device)
+        nll = evaluate_labelled(vae, x_test, y_test, ks=(nll_k,), protocol=protocol, seed=seed).nll
     return nll, time.perf_counter() - start, x_test.shape[0]
 
 
@@ -237,69 +244,8 @@ def _run(job: _Job, data: Dataset | None, nll_k: int | None, nll_images: int | N
         nll_images=nll_images if nll is not None else None,
         failure=failure,
         shared_weights=shared,
+        accuracy=result.epochs[-1].accuracy if result is not None else None,
     )
-
-
-def _check_values(values: Sequence[str], field: str) -> list[str]:
-    fields = vary_fields()
-    if field not in fields:
-        raise unknown_choice("option to vary", field, fields)
-    values = [str(v).strip() for v in values]
-    if not values or any(not v for v in values):
-        raise ConfigError(f"give at least one {field}, separated by commas, got {values!r}")
-    duplicates = sorted({v for v in values if values.count(v) > 1})
-    if duplicates:
-        raise ConfigError(f"the values of {field} must be distinct, {duplicates} appear more than once")
-    return values
-
-
-def _run_configs(values: Sequence[str], field: str, config: RunConfig) -> dict[str, RunConfig]:
-    """Each value's run config; every one is checked as a run would check it (field bounds and specs, the
-    likelihood against the binarisation, and the registries by building what they name), before any data load."""
-    configs = {value: config.replace(**{vary_fields()[field]: {field: value}}) for value in values}
-    with torch.random.fork_rng(devices=[]):  # building a flow draws its initial weights: leave the caller's RNG be
-        for run_config in configs.values():
-            model, train = run_config.model, run_config.train
-            make_family(model.guide, model.latent_dim, **model.guide_options)  # unknown names and bad specs fail here
-            make_likelihood(model.likelihood)
-            make_objective(train.objective, train.num_particles)
-    return configs
-
-
-def _check_counts(seeds, nll_k, nll_images) -> list[int]:
-    seeds = list(seeds)
-    if not seeds:
-        raise ConfigError("seeds must be a non-empty list of integers >= 0, got []")
-    for seed in seeds:
-        check_int("every seed", seed, low=0, high=SEED_MAX, why="numpy seeds are 32-bit")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds must be distinct, got {seeds!r}")
-    check_int("nll_k (particles per image)", nll_k, low=1, allow_none=True)
-    check_int("nll_images (None: all test images)", nll_images, low=1, allow_none=True)
-    return seeds
-
-
-def _check_data(data: Dataset, configs: Sequence[RunConfig]) -> None:
-    """What every run's :func:`~pyro_vae.train.fit` would refuse, refused once before anything is written."""
-    for config in configs:
-        check_batch_size(data.x_train.shape[0], config.train.batch_size)
-        check_likelihood_data(data, config.data.binarize, make_likelihood(config.model.likelihood))
-
-
-def _check_out_dir(out: Path, jobs: Sequence[_Job], overwrite: bool) -> None:
-    """Refuse an output directory that is a file, or that holds an earlier comparison's results (unless
-    ``overwrite``), before any run starts; so a comparison never stops half-way on a run directory in use."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"the comparison's output {out} exists and is not a directory; choose another out_dir")
-    if overwrite:
-        return
-    held = [out / name for name in COMPARE_FILES[1:] if (out / name).exists()]
-    held += [job.run_dir for job in jobs if job.run_dir is not None and job.run_dir.exists()]
-    if held:
-        raise ConfigError(
-            f"{out} already holds a comparison ({held[0]} exists); pass overwrite=True (--overwrite) to replace it, "
-            "or choose another out_dir"
-        )
 
 
 def _write_manifest(out: Path, config: RunConfig, field: str, values: Sequence[str], seeds: Sequence[int]) -> None:
@@ -379,17 +325,19 @@ def compare(
     :returns: a :class:`CompareResult`, rows in the order of ``values``.
     """
     config = config or RunConfig()
-    values = _check_values(values, field)
-    configs = _run_configs(values, field, config)
-    seeds = _check_counts(seeds, nll_k, nll_images)
+    values = check_values(values, field)
+    configs = run_configs(values, field, config)
+    seeds = check_counts(seeds, nll_k, nll_images)
     if isolate and data is not None:
         raise ConfigError("isolate=True loads the data in each run's process from config.data; pass data=None")
     out = Path(out_dir) if out_dir is not None else None
-    jobs = _jobs(configs, seeds, out)
     if out is not None:
-        _check_out_dir(out, jobs, overwrite)
+        check_out_dir(out, [job.run_dir for job in _jobs(configs, seeds, out)], overwrite)
     checked = data if data is not None else load_dataset(config.data)
-    _check_data(checked, list(configs.values()))
+    config = with_classes(config, checked)
+    configs = {value: with_classes(run_config, checked) for value, run_config in configs.items()}
+    jobs = _jobs(configs, seeds, out)
+    check_data(checked, list(configs.values()))
     if out is not None:
         _write_manifest(out, config, field, values, seeds)
     runs = _run_jobs(jobs, None if isolate else checked, nll_k, nll_images, overwrite)

@@ -58,6 +58,7 @@ class SeedRun(NamedTuple):
         values), or ``None`` when not measured.
     :ivar load_before: the machine's 1-minute load average before the run (``None``: not available).
     :ivar load_after: the same after the run.
+    :ivar accuracy: M2's test accuracy of q(y | x) after the last epoch; ``None`` for the other models.
     """
 
     variant: str
@@ -76,6 +77,7 @@ class SeedRun(NamedTuple):
     shared_weights: int | None = None
     load_before: float | None = None
     load_after: float | None = None
+    accuracy: float | None = None
 
     @property
     def guide(self) -> str:
@@ -102,6 +104,7 @@ class CompareRow(NamedTuple):
     :ivar diverged: runs that stopped on a non-finite loss or gradient; the statistics above cover the others.
     :ivar loaded: runs timed while the machine was busy (their seconds enter ``seconds_per_epoch``).
     :ivar time_loaded: whether ``time_ratio`` rests on a run timed under load, this value's or the reference's.
+    :ivar accuracy: M2's test accuracy, mean over seeds ± standard error over seeds; ``None`` for the other models.
     """
 
     variant: str
@@ -116,6 +119,7 @@ class CompareRow(NamedTuple):
     diverged: int = 0
     loaded: int = 0
     time_loaded: bool = False
+    accuracy: MeanSE | None = None
 
     @property
     def guide(self) -> str:
@@ -129,6 +133,24 @@ _NLL_HEADER = "IS-NLL (nats)"
 
 def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _model_words(model) -> str:
+    """The model, where it is not the VAE: a CVAE's ELBO and NLL are of log p(x | y)."""
+    if model.kind == "vae":
+        return ""
+    bound = "; ELBO and IS-NLL of log p(x | y)" if model.kind == "cvae" else ""
+    return f"--model {model.kind} with {model.num_classes} classes{bound}; "
+
+
+def _csv_mean_se(value: MeanSE | None) -> tuple[str, str]:
+    return ("", "") if value is None else (repr(value.mean), repr(value.se))
+
+
+def _fmt_accuracy(value: MeanSE | None) -> str:
+    if value is None or math.isnan(value.mean):
+        return "n/a"
+    return f"{value.mean:.3f} ± {_fmt(value.se, '.3f')}"
 
 
 def _fmt_mean_se(value: MeanSE | None) -> str:
@@ -161,16 +183,22 @@ class CompareResult(NamedTuple):
     cpus: int | None = None
     reference: str = REFERENCE_GUIDE
 
+    def _has_accuracy(self) -> bool:
+        return any(row.accuracy is not None for row in self.rows)
+
     def _header(self) -> tuple[str, ...]:
         header = (self.field, *_HEADER[1:5], f"× {self.reference}", *_HEADER[6:])
-        if self.nll_k is None:
-            return header
-        return (*header[:4], f"IS-NLL k={self.nll_k} (nats)", *header[4:])
+        extra = (() if self.nll_k is None else (f"IS-NLL k={self.nll_k} (nats)",)) + (
+            ("accuracy q(y|x)",) if self._has_accuracy() else ()
+        )
+        return (*header[:4], *extra, *header[4:])
 
     def _cells(self) -> list[tuple[str, ...]]:
         cells = []
         for row in self.rows:
             nll = () if self.nll_k is None else (_fmt_mean_se(row.nll),)
+            if self._has_accuracy():
+                nll += (_fmt_accuracy(row.accuracy),)
             diverged = f" ({row.diverged} of {row.seeds} runs diverged)" if row.diverged else ""
             cells.append(
                 (
@@ -197,7 +225,7 @@ class CompareResult(NamedTuple):
             f"{self.runs[0].nll_images} test images, likewise"
         )
         return (
-            f"{self.field} compared; {self.dataset}, binarize={dc.binarize}; L={mc.latent_dim}, "
+            f"{self.field} compared; {self.dataset}, binarize={dc.binarize}; {_model_words(mc)}L={mc.latent_dim}, "
             f"hidden {','.join(map(str, mc.hidden_dims))}, "
             f"{mc.likelihood} likelihood; {tc.epochs} epochs of batch {tc.batch_size}"
             f"{'' if tc.max_steps is None else f' (at most {tc.max_steps} steps)'}, AdamW lr {tc.lr:g}, "
@@ -284,6 +312,7 @@ class CompareResult(NamedTuple):
                 "nll_se",
                 "diverged",
                 "runs_under_load",
+                *(("accuracy_mean", "accuracy_se") if self._has_accuracy() else ()),
             ]
         )
         for row in self.rows:
@@ -303,6 +332,7 @@ class CompareResult(NamedTuple):
                     "" if row.nll is None else repr(row.nll.se),
                     row.diverged,
                     row.loaded,
+                    *(() if not self._has_accuracy() else _csv_mean_se(row.accuracy)),
                 ]
             )
         return out.getvalue()
@@ -384,6 +414,7 @@ def summarise(
         seconds = [s for run in mine for s in run.epoch_seconds]
         memory = [run.peak_memory_mib for run in mine if run.peak_memory_mib is not None]
         nlls = [run.nll.mean for run in mine if run.nll is not None]
+        accuracies = [run.accuracy for run in mine if run.accuracy is not None]
         rows.append(
             CompareRow(
                 variant=value,
@@ -397,6 +428,7 @@ def summarise(
                 nll=mean_se(nlls) if nlls else None,
                 diverged=len(everyone) - len(mine),
                 loaded=sum(run.loaded(cpus) for run in mine),
+                accuracy=mean_se(accuracies) if accuracies else None,
             )
         )
     ref = next((row for row in rows if row.variant == reference), None)

@@ -51,6 +51,7 @@ LAYERS = {
     "train": 7,
     # 8-9: side-by-side runs and figures
     "compare_report": 8,
+    "compare_checks": 8,
     "plotting": 8,
     "compare": 9,
     "cli": 10,

@@ -13,11 +13,16 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyro_vae.cli.checks import check_before_load
 from pyro_vae.cli.flags import config_from_args
 from pyro_vae.config import RunConfig
 from pyro_vae.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyro_vae.data import Dataset
+    from pyro_vae.model import VAE
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +73,8 @@ def _train_target(args: argparse.Namespace) -> tuple[Path, Path | None, RunConfi
 
         # The guide spec's options come from the user ("low_rank:../x" passes the family check): keep the derived
         # name a plain component of runs/.
-        name = f"{config.model.guide.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        kind = "" if config.model.kind == "vae" else f"{config.model.kind}-"  # runs/m2-mvn_diag-<time>
+        name = f"{kind}{config.model.guide.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
         out = Path("runs") / safe_name(name.replace("/", "-"), what="run name")
     else:
         out = args.out
@@ -79,22 +85,40 @@ def _train_target(args: argparse.Namespace) -> tuple[Path, Path | None, RunConfi
     return out, None, config
 
 
+def build_for_data(config: RunConfig, data: Dataset) -> tuple[RunConfig, VAE]:
+    """``(config, model)``: the model ``config.model.kind`` names (:func:`pyro_vae.labelled.build_model`), and the
+    config with the data's number of classes recorded in it, so that ``config.json`` says which C the run has.
+
+    :raises DataError: one line for ``--model cvae|m2`` on data without labels, or labels that are not ``0..C-1``
+        (:func:`pyro_vae.data.num_classes`); nothing has been written yet.
+    """
+    from pyro_vae.data import num_classes
+    from pyro_vae.labelled import build_model
+
+    classes = None
+    if config.model.kind != "vae":
+        classes = num_classes(data, what=f"--model {config.model.kind}'s data")
+        if config.model.num_classes is None:
+            config = config.replace(model={"num_classes": classes})
+    return config, build_model(config.model, data.input_dim, data.image_shape, classes)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     out, resume, config = _train_target(args)
     import pyro
     import torch
 
     from pyro_vae.data import load_dataset
-    from pyro_vae.model import VAE
     from pyro_vae.train import TrainingInterrupted, fit
 
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
     data = load_dataset(config.data)
     pyro.set_rng_seed(config.train.seed)
-    vae = VAE.from_config(config.model, data.input_dim, data.image_shape)
+    config, vae = build_for_data(config, data)
     logger.info(
-        "training %s (L=%d) on %s: %d train / %d test images, %d epochs of batch %d",
+        "training %s %s (L=%d) on %s: %d train / %d test images, %d epochs of batch %d",
+        config.model.kind,
         config.model.guide,
         config.model.latent_dim,
         data.name,
@@ -132,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from pyro_vae.evaluation import evaluate
+    from pyro_vae.labelled import class_count
     from pyro_vae.run_dir import RunDir, load_run
 
     if args.threads is not None:
@@ -140,11 +164,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pyro_vae.progress import Progress
 
     run = load_run(args.run_dir)
-    x_test = run.test_images(args.n)  # the run's own data: their fingerprint is checked
+    if args.gaps and class_count(run.vae) is not None:
+        raise ConfigError(f"--gaps measures the inference gaps of a plain VAE; run {run.path} is a {run.vae.kind}")
+    held_out = run.held_out(args.n)  # the run's own data: their fingerprint is checked
+    x_test = held_out.x
     with Progress(x_test.shape[0], desc="evaluate", unit="images", logger=logger) as progress:
-        result = evaluate(
-            run.vae, x_test, args.k, protocol=run.protocol(), chunk_size=args.chunk_size, seed=args.seed,
-            progress=progress.update,
+        # a model with labels is scored with the test labels (the CVAE's log p(x | y), M2's accuracy)
+        result = run.evaluate_on(
+            held_out, args.k, chunk_size=args.chunk_size, seed=args.seed, progress=progress.update
         )  # fmt: skip
     record = result.to_json()
     print(result.table())
@@ -165,15 +192,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from pyro_vae.cli.sampling import draw_samples, sample_bytes, sample_target, write_samples
+    from pyro_vae.cli.sampling import check_label, draw_samples, sample_bytes, sample_target, write_samples
 
     out, fmt = sample_target(args.run_dir, args.out, args.format, args.n, args.overwrite)  # before the run loads
-    from pyro_vae.run_dir import load_run
+    from pyro_vae.run_dir import load_run, read_run_config
 
+    if args.label is not None:  # the saved config says the model and its classes: refused before any weights load
+        model = read_run_config(args.run_dir).model
+        check_label(args.label, model.kind, model.num_classes)
     run = load_run(args.run_dir)  # a reader: no lock, so a run that is training goes on
-    samples = draw_samples(run.vae, args.n, seed=args.seed, draws=args.draws)
+    samples = draw_samples(run.vae, args.n, seed=args.seed, draws=args.draws, label=args.label)
     written = write_samples(run.path, out, sample_bytes(samples, run.state.image_shape, fmt))
-    print(f"wrote {args.n} {'draws' if args.draws else 'decoder means'} to {written}")
+    of = "" if args.label is None else f" of class {args.label}"
+    print(f"wrote {args.n} {'draws' if args.draws else 'decoder means'}{of} to {written}")
     return 0
 
 

@@ -48,7 +48,7 @@ def _int_list(value: str) -> tuple[int, ...]:
 def _vary(text: str):
     """``FIELD=V1,V2,...`` checked at once: the field against the options a comparison can vary (close-match hint),
     each value as the field's own flag checks it; returns ``(field, values)``."""
-    from pyro_vae.compare import vary_fields  # imports torch: only when --vary is given
+    from pyro_vae.compare_checks import KIND_NOT_VARIED, vary_fields  # imports torch: only when --vary is given
 
     field, sep, values = text.partition("=")
     field = field.strip().replace("-", "_")
@@ -56,6 +56,8 @@ def _vary(text: str):
         raise argparse.ArgumentTypeError(
             f"expected FIELD=V1,V2,..., e.g. likelihood=bernoulli,continuous_bernoulli; got {text!r}"
         )
+    if field in ("model", "kind"):
+        raise argparse.ArgumentTypeError(KIND_NOT_VARIED)
     fields = vary_fields()
     if field not in fields:
         raise argparse.ArgumentTypeError(str(unknown_choice("option to vary", field, fields)))
@@ -80,7 +82,9 @@ def _sub(sub, name: str, help_text: str, description: str | None = None) -> argp
 def _add_train(sub) -> None:
     train = _sub(sub, "train", "train a VAE and write a run directory")
     add_config_flags(train)
-    train.add_argument("--out", type=Path, help="run directory (default runs/<guide>-<time>)")
+    train.add_argument(
+        "--out", type=Path, help="run directory (default runs/<guide>-<time>, runs/<model>-<guide>-<time>)"
+    )
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     train.add_argument(
         "--resume",
@@ -130,7 +134,7 @@ def _format(text: str) -> str:
 
 
 def _add_sample(sub) -> None:
-    sample = _sub(sub, "sample", "draw images from a trained run's prior and decoder")
+    sample = _sub(sub, "sample", "draw images from a trained run's prior and decoder (by class for cvae/m2)")
     sample.add_argument("run_dir", type=Path, help="a directory written by 'pyro-vae train' (it may be training)")
     sample.add_argument(
         "--n", type=int_type("--n", high=4096, why="one grid image"), default=64, help="number of samples (default 64)"
@@ -155,12 +159,18 @@ def _add_sample(sub) -> None:
         action="store_true",
         help="draw x ~ p(x|z) for each code instead of the decoder mean E[x|z] (the figure's title says which)",
     )
+    sample.add_argument(
+        "--label",
+        type=int_type("--label", low=0),
+        metavar="K",
+        help="--model cvae/m2 runs: every sample of class K (0..C-1); default balanced over the classes",
+    )
     sample.set_defaults(run=commands.cmd_sample)
 
 
 #: The figures of ``pyro-vae plot --kind`` (those of :data:`pyro_vae.plotting.PLOT_KINDS`; a test keeps them equal,
 #: since this module must not import matplotlib).
-PLOT_KINDS = ("reconstructions", "samples", "latent", "traversal", "interpolation")
+PLOT_KINDS = ("reconstructions", "samples", "latent", "traversal", "interpolation", "classes")
 #: Suffixes ``pyro-vae plot --out`` can write (matplotlib picks the format from the suffix).
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
@@ -180,7 +190,8 @@ def _add_plot(sub) -> None:
         required=True,
         help="reconstructions (original, binarised model input, reconstruction), samples (from the prior), latent "
         "(posterior means in the 2 most active dimensions), traversal (the most active dimensions varied one per "
-        "row), interpolation (between two test images)",
+        "row), interpolation (between two test images; of one class for --model cvae/m2), classes (--model cvae/m2: "
+        "one row of samples per class)",
     )
     plot.add_argument(
         "--out",
@@ -191,8 +202,8 @@ def _add_plot(sub) -> None:
     plot.add_argument(
         "--n",
         type=int_type("--n", high=100_000, why="one figure"),
-        help="test images (reconstructions 8, latent 2000), samples (64), rows (traversal 8) or steps "
-        "(interpolation 10)",
+        help="test images (reconstructions 8, latent 2000), samples (64), rows (traversal 8), steps "
+        "(interpolation 10) or samples per class (classes 8)",
     )
     plot.add_argument(
         "--seed",

@@ -2,7 +2,9 @@
 
 The codes come from the model itself (its ``"z"`` site, run with the observation unconditioned), so a learned prior
 is sampled as the model defines it; the images are the decoder means E[x | z] or, with ``draws``, one draw
-x ~ p(x | z) per code. Files are written atomically: inside the run directory through
+x ~ p(x | z) per code. A model with labels (``--model cvae|m2``) decodes p(x | z, y): every image of class
+``--label K``, or by default balanced over the classes (image i of class i mod C); its codes come from its prior
+module, which y does not enter. Files are written atomically: inside the run directory through
 :meth:`pyro_vae.run_dir.RunDir.write_bytes` (readers take no lock, so a run that is training is not disturbed),
 elsewhere with :func:`pyro_vae.checkpoint.files.atomic_write`.
 """
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from pyro_vae.config import check_int
 from pyro_vae.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from pyro_vae.model import VAE
 
-__all__ = ["FORMATS", "Samples", "draw_samples", "sample_bytes", "sample_target"]
+__all__ = ["FORMATS", "Samples", "check_label", "draw_samples", "sample_bytes", "sample_target"]
 
 #: The file formats of ``pyro-vae sample --format``.
 FORMATS = ("png", "npy", "npz")
@@ -34,19 +37,42 @@ class Samples(NamedTuple):
     :ivar z: ``(n, L)`` codes drawn from the model's prior.
     :ivar x: ``(n, D)`` images: the decoder means E[x | z], or draws x ~ p(x | z) when ``draws``.
     :ivar draws: whether ``x`` holds draws rather than means.
+    :ivar y: ``(n,)`` the class of each image, for a model with labels; ``None`` for the VAE.
+    :ivar label: the class every image was drawn at (``--label``), or ``None``.
     """
 
     z: torch.Tensor
     x: torch.Tensor
     draws: bool
+    y: torch.Tensor | None = None
+    label: int | None = None
 
     def title(self) -> str:
         """What the images are, for the figure's title."""
-        return "draws x ~ p(x|z), z ~ p(z)" if self.draws else "decoder means E[x|z], z ~ p(z)"
+        if self.y is None:
+            return "draws x ~ p(x|z), z ~ p(z)" if self.draws else "decoder means E[x|z], z ~ p(z)"
+        what = "draws x ~ p(x|z,y)" if self.draws else "decoder means E[x|z,y]"
+        return f"{what}, z ~ p(z), " + ("y balanced over the classes" if self.label is None else f"y = {self.label}")
 
 
-def draw_samples(vae: VAE, n: int, *, seed: int = 0, draws: bool = False) -> Samples:
-    """``n`` codes from the model's prior and their images; seeded by ``seed`` (Pyro's global seed is set).
+def check_label(label: int | None, kind: str, num_classes: int | None) -> None:
+    """Refuse ``--label`` for a run that has no classes, or out of ``0..C-1``: one line, before the run loads.
+
+    :param label: the ``--label`` given (``None``: not given, nothing to check).
+    :param str kind: the run's ``--model``.
+    :param num_classes: the run's number of classes (``config.model.num_classes``).
+    """
+    if label is None:
+        return
+    if kind == "vae" or num_classes is None:
+        raise ConfigError(f"--label chooses the class of a --model cvae or m2 run; this run is a {kind}: leave it out")
+    check_int("--label", label, low=0, high=num_classes - 1, why=f"the run's model has {num_classes} classes")
+
+
+def draw_samples(vae: VAE, n: int, *, seed: int = 0, draws: bool = False, label: int | None = None) -> Samples:
+    """``n`` codes from the model's prior and their images; seeded by ``seed`` (for the VAE Pyro's global seed is
+    set). A model with labels draws every image at class ``label`` (default ``None``: balanced over the classes),
+    as :func:`pyro_vae.plotting.generative.labelled_samples` does; the VAE refuses a label.
 
     The model runs once on a placeholder batch with its observation unconditioned, so ``z`` comes from whatever
     prior the model samples (not a hard-coded N(0, I)); the images are the likelihood's mean (``likelihood.mean``,
@@ -58,6 +84,13 @@ def draw_samples(vae: VAE, n: int, *, seed: int = 0, draws: bool = False) -> Sam
 
     from pyro_vae.networks import eval_mode
 
+    check_label(label, vae.kind, getattr(vae, "num_classes", None))
+    if getattr(vae, "num_classes", None) is not None:
+        from pyro_vae.plotting.generative import labelled_samples  # the figures' draws, so both show the same
+
+        with eval_mode(vae):
+            drawn = labelled_samples(vae, n, seed, draws, label)
+        return Samples(drawn.z.cpu(), drawn.x.cpu(), draws, drawn.y.cpu(), label)
     ref = next(vae.parameters())
     pyro.set_rng_seed(seed)
     with torch.no_grad(), eval_mode(vae):
@@ -80,7 +113,7 @@ def _image_array(x, image_shape: Sequence[int] | None):
 
 def sample_bytes(samples: Samples, image_shape: Sequence[int] | None, fmt: str) -> bytes:
     """The file content: a PNG grid titled with what the images are, ``.npy`` of the images, or ``.npz`` holding
-    ``x`` (the images), ``z`` (the codes) and ``draws``."""
+    ``x`` (the images), ``z`` (the codes), ``draws`` and, for a model with labels, ``y`` (the classes)."""
     import numpy as np
 
     buffer = io.BytesIO()
@@ -93,7 +126,10 @@ def sample_bytes(samples: Samples, image_shape: Sequence[int] | None, fmt: str) 
     elif fmt == "npy":
         np.save(buffer, _image_array(samples.x, image_shape))
     else:
-        np.savez(buffer, x=_image_array(samples.x, image_shape), z=samples.z.numpy(), draws=np.bool_(samples.draws))
+        arrays = {"x": _image_array(samples.x, image_shape), "z": samples.z.numpy(), "draws": np.bool_(samples.draws)}
+        if samples.y is not None:
+            arrays["y"] = samples.y.numpy()  # the class of each image
+        np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from pyro_vae.errors import DataError
 from pyro_vae.model import VAE
+from pyro_vae.plotting.conditioning import image_labels
 
 __all__ = ["image_grid", "image_layout", "image_rows", "reconstruction_grid", "to_pixels"]
 
@@ -139,6 +140,7 @@ def reconstruction_grid(
     n: int = 8,
     model_input: torch.Tensor | None = None,
     input_label: str = "model input (binarised)",
+    labels: torch.Tensor | None = None,
 ) -> Figure:
     """Originals, what the model saw, and reconstructions E[x | z = posterior mean], in labelled rows.
 
@@ -150,11 +152,14 @@ def reconstruction_grid(
         :func:`pyro_vae.data.binarize_eval`), drawn as the middle row; ``None`` when the model saw ``x`` itself
         (two rows).
     :param str input_label: the middle row's label.
+    :param labels: ``(B,)`` labels of ``x``: a CVAE reconstructs with them (it needs them); M2 reconstructs at its
+        classifier's class; the VAE ignores them (:mod:`pyro_vae.plotting.conditioning`).
     """
     device = next(vae.parameters()).device
     x = x[:n]
-    seen = x if model_input is None else model_input[:n]
-    recon = vae.reconstruct(seen.to(device))
+    seen = (x if model_input is None else model_input[:n]).to(device)
+    y = image_labels(vae, seen, None if labels is None else labels[:n], "reconstruction_grid")
+    recon = vae.reconstruct(seen) if y is None else vae.reconstruct(seen, y)
     rows, labels = [x, recon], ["original", "reconstruction (mean)"]
     if model_input is not None:
         rows.insert(1, seen)

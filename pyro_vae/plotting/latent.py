@@ -20,6 +20,7 @@ from pyro_vae.errors import ConfigError
 from pyro_vae.evaluation import latent_activity
 from pyro_vae.importance import own_rng
 from pyro_vae.model import VAE, posterior_mean
+from pyro_vae.plotting.conditioning import encode, image_labels
 
 __all__ = ["ActiveDims", "latent_posteriors", "latent_scatter", "most_active_dims"]
 
@@ -42,16 +43,20 @@ class ActiveDims(NamedTuple):
 
 
 @torch.no_grad()
-def most_active_dims(vae: VAE, x: torch.Tensor) -> ActiveDims:
+def most_active_dims(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None) -> ActiveDims:
     """Rank the latent dimensions by activity (variance over ``x`` of the posterior mean), most active first; ties
     keep the lower index first.
 
     :param vae: the model.
     :param x: images ``(N, D)``, N >= 2 (one image has no variance).
+    :param labels: ``(N,)`` labels of ``x``: a CVAE encodes q(z | x, y) with them (required there); M2 encodes at
+        its classifier's class, the VAE ignores them (:mod:`pyro_vae.plotting.conditioning`).
     """
     if x.shape[0] < 2:
         raise ConfigError(f"ranking latent dimensions by activity needs at least 2 images, got {x.shape[0]}")
-    means = posterior_mean(vae.encode(x.to(next(vae.parameters()).device))).cpu()  # (N, L)
+    x = x.to(next(vae.parameters()).device)
+    y = image_labels(vae, x, labels, "ranking latent dimensions")
+    means = posterior_mean(encode(vae, x, y)).cpu()  # (N, L)
     activity = latent_activity(means)
     order = torch.sort(activity, descending=True, stable=True).indices
     return ActiveDims(tuple(order.tolist()), activity, means)
@@ -108,12 +113,12 @@ def latent_scatter(
 
     :param vae: the model.
     :param x: images ``(N, D)``, as the model sees them (binarised where it was trained on binarised data).
-    :param labels: ``(N,)`` integer labels, or ``None``.
+    :param labels: ``(N,)`` integer labels, or ``None``; a CVAE also encodes with them (it needs them).
     :param dims: the two dimensions to draw; default the two most active (:func:`most_active_dims`). The axis labels
         give each one's activity and, for the default, its rank.
     :param class_names: the name of each label (e.g. ``Dataset.class_names``), for the legend.
     """
-    ranked = most_active_dims(vae, x)
+    ranked = most_active_dims(vae, x, labels)
     z, activity = ranked.means.numpy(), ranked.activity
     chosen = ranked.dims[:2] if dims is None else tuple(dims)
     ranks = (0, 1) if dims is None else (None, None)
@@ -270,13 +275,14 @@ def latent_posteriors(
     """
     if vae.latent_dim < 2:
         raise ConfigError(f"latent_posteriors needs latent_dim >= 2, the VAE has {vae.latent_dim}")
-    dims = most_active_dims(vae, x).dims[:2] if dims is None else tuple(dims)
+    dims = most_active_dims(vae, x, labels).dims[:2] if dims is None else tuple(dims)
     colours = None if labels is None else _label_colours(_labels(labels))
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.add_subplot()
     with torch.no_grad():
         x = x.to(next(vae.parameters()).device)
-        centres, what = _draw_regions(ax, vae.encode(x), x, dims, n_std, n_samples, seed, colours)
+        q = encode(vae, x, image_labels(vae, x, labels, "latent_posteriors"))
+        centres, what = _draw_regions(ax, q, x, dims, n_std, n_samples, seed, colours)
     ax.scatter(centres[:, 0], centres[:, 1], s=10, c="C0" if colours is None else colours, edgecolors="k", lw=0.4)
     if labels is not None:
         _class_legend(fig, ax, _labels(labels), class_names)

@@ -20,7 +20,8 @@ from pyro_vae.data import Dataset, binarize_eval
 from pyro_vae.errors import ConfigError, unknown_choice
 from pyro_vae.model import VAE
 from pyro_vae.networks import eval_mode
-from pyro_vae.plotting.generative import interpolation, latent_traversal, sample_grid
+from pyro_vae.plotting.conditioning import reads_labels
+from pyro_vae.plotting.generative import class_grid, interpolation, latent_traversal, sample_grid
 from pyro_vae.plotting.images import reconstruction_grid
 from pyro_vae.plotting.latent import latent_scatter, most_active_dims
 from pyro_vae.plotting.reports import loss_curves
@@ -59,11 +60,15 @@ def eval_split(data: Dataset, config: RunConfig) -> EvalSplit:
 
 def _reconstructions(vae: VAE, split: EvalSplit, shape, n: int, seed: int, draws: bool) -> Figure:
     seen = None if split.binarize == "none" else split.model_input
-    return reconstruction_grid(vae, split.original, shape, n=n, model_input=seen)
+    return reconstruction_grid(vae, split.original, shape, n=n, model_input=seen, labels=split.labels)
 
 
 def _samples(vae: VAE, split: EvalSplit | None, shape, n: int, seed: int, draws: bool) -> Figure:
-    return sample_grid(vae, shape, n=n, seed=seed, draws=draws)
+    return sample_grid(vae, shape, n=n, seed=seed, draws=draws, class_names=split and split.class_names)
+
+
+def _classes(vae: VAE, split: EvalSplit | None, shape, n: int, seed: int, draws: bool) -> Figure:
+    return class_grid(vae, n, class_names=split and split.class_names, image_shape=shape, seed=seed)
 
 
 def _latent(vae: VAE, split: EvalSplit, shape, n: int, seed: int, draws: bool) -> Figure:
@@ -71,22 +76,30 @@ def _latent(vae: VAE, split: EvalSplit, shape, n: int, seed: int, draws: bool) -
     return latent_scatter(vae, split.model_input[:n], labels, class_names=split.class_names)
 
 
-def _picked(split: EvalSplit, seed: int, count: int) -> torch.Tensor:
-    """``count`` test images (model input) in an order seeded by ``seed``."""
+def _picked(split: EvalSplit, seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``count`` test images (model input) in an order seeded by ``seed``, and their labels (or ``None``)."""
     if split.model_input.shape[0] < 2:
         raise ConfigError(f"this figure needs at least 2 test images, the run has {split.model_input.shape[0]}")
-    order = torch.randperm(split.model_input.shape[0], generator=torch.Generator().manual_seed(seed))
-    return split.model_input[order[:count]]
+    order = torch.randperm(split.model_input.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
+    return split.model_input[order], None if split.labels is None else split.labels[order]
 
 
 def _traversal(vae: VAE, split: EvalSplit, shape, n: int, seed: int, draws: bool) -> Figure:
-    x = _picked(split, seed, TRAVERSAL_RANKING_IMAGES)
-    return latent_traversal(vae, x[0], dims=most_active_dims(vae, x).dims[:n], image_shape=shape)
+    x, y = _picked(split, seed, TRAVERSAL_RANKING_IMAGES)
+    dims = most_active_dims(vae, x, y).dims[:n]
+    return latent_traversal(vae, x[0], dims=dims, image_shape=shape, labels=None if y is None else y[:1])
 
 
 def _interpolation(vae: VAE, split: EvalSplit, shape, n: int, seed: int, draws: bool) -> Figure:
-    x = _picked(split, seed, 2)
-    return interpolation(vae, x[0], x[1], steps=max(n, 2), image_shape=shape)
+    if not reads_labels(vae):
+        x, _ = _picked(split, seed, 2)
+        return interpolation(vae, x[0], x[1], steps=max(n, 2), image_shape=shape)
+    # a model with labels: two images of one class (the first picked image's), the path decoded at that class
+    x, y = _picked(split, seed, split.model_input.shape[0])
+    same = (y == y[0]).nonzero().flatten()
+    if same.numel() < 2:
+        raise ConfigError(f"the interpolation needs 2 test images of class {int(y[0])}, the run's test split has 1")
+    return interpolation(vae, x[0], x[same[1]], steps=max(n, 2), image_shape=shape, label=int(y[0]))
 
 
 class _Kind(NamedTuple):
@@ -101,6 +114,7 @@ _KINDS = {
     "latent": _Kind(_latent, 2000, True),
     "traversal": _Kind(_traversal, 8, True),
     "interpolation": _Kind(_interpolation, 10, True),
+    "classes": _Kind(_classes, 8, True),  # the data only for the class names
 }
 #: The figures :func:`run_figure` draws (``pyro-vae plot --kind``).
 PLOT_KINDS = tuple(_KINDS)
@@ -112,9 +126,11 @@ def run_figure(run: Run, kind: str, n: int | None = None, seed: int = 0, draws: 
     :param run: the run.
     :param str kind: one of :data:`PLOT_KINDS`: ``reconstructions`` (original, binarised input, reconstruction),
         ``samples`` (from the prior), ``latent`` (posterior means in the 2 most active dimensions),
-        ``traversal`` (the most active dimensions varied one per row), ``interpolation`` (between two test images).
+        ``traversal`` (the most active dimensions varied one per row), ``interpolation`` (between two test images;
+        of one class, decoded at it, for a model with labels), ``classes`` (a model with labels: one row of samples
+        per class, named where the data set names its classes).
     :param n: size: test images (reconstructions 8, latent 2000), samples (64), rows (traversal 8, at most
-        ``latent_dim``) or path steps (interpolation 10).
+        ``latent_dim``), path steps (interpolation 10) or samples per class (classes 8).
     :param int seed: seed of the prior draws (samples) or of which test images are traversed / interpolated.
     :param bool draws: samples only: draws x ~ p(x|z) instead of the decoder means.
     :raises ConfigError: for an unknown kind (with the closest name), a bad ``n``, or ``draws`` with another kind,
@@ -126,6 +142,11 @@ def run_figure(run: Run, kind: str, n: int | None = None, seed: int = 0, draws: 
     n = spec.default_n if n is None else check_int("n", n, low=1)
     if draws and kind != "samples":
         raise ConfigError(f"draws applies to the samples figure only, not to {kind!r}; leave it out")
+    if kind == "classes" and not reads_labels(run.vae):
+        raise ConfigError(
+            f"the classes figure draws one row per class of a model with labels, and run {run.path} is a "
+            f"{run.vae.kind}; train with --model cvae or m2"
+        )
     split = eval_split(run.data(), run.config) if spec.needs_data else None
     with eval_mode(run.vae):
         return spec.build(run.vae, split, run.state.image_shape, n, seed, draws)
@@ -140,7 +161,8 @@ def save_run_figures(
     config: RunConfig | None = None,
 ) -> list[Path]:
     """Write ``reconstructions.png`` (original, model input, reconstruction), ``samples.png`` (decoder means),
-    ``loss.png`` and ``latent.png`` (the two most active dimensions, classes named) into ``out_dir``.
+    ``loss.png`` and ``latent.png`` (the two most active dimensions, classes named) into ``out_dir``; for a model
+    with labels also ``classes.png`` (:func:`~pyro_vae.plotting.class_grid`, one row per class).
 
     :param vae: the trained model.
     :param data: its :class:`~pyro_vae.data.Dataset` (the test split is plotted).
@@ -159,5 +181,7 @@ def save_run_figures(
             "loss.png": loss_curves(result.losses, result.epochs),
             "latent.png": _latent(vae, split, shape, n_points, 0, False),
         }
+        if reads_labels(vae):
+            figures["classes.png"] = _classes(vae, split, shape, 8, 0, False)
     run = RunDir(out_dir)  # atomic writes: a full disk keeps the previous image, never a 0-byte one
     return [run.write_figure(name, fig) for name, fig in figures.items()]

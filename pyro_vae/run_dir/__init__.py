@@ -14,6 +14,7 @@ from pyro_vae.run_dir.files import MetricsLog, finite_json, json_bytes
 
 __all__ = [
     "CONFIG_FORMAT",
+    "HeldOut",
     "MODES",
     "RUN_FILES",
     "MetricsLog",
@@ -25,7 +26,7 @@ __all__ = [
     "load_run",
     "read_run_config",
 ]
-_READERS = ("Run", "load_run", "read_run_config")
+_READERS = ("HeldOut", "Run", "load_run", "read_run_config")
 
 
 def __getattr__(name: str):
@@ -37,4 +38,4 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pyro_vae.run_dir.run import Run, load_run, read_run_config
+    from pyro_vae.run_dir.run import HeldOut, Run, load_run, read_run_config

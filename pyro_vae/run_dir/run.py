@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -21,6 +21,8 @@ from pyro_vae.data import Dataset, binarize_eval, load_dataset
 from pyro_vae.data.fingerprint import config_at, data_fingerprint, data_source
 from pyro_vae.errors import CheckpointError, ConfigError, DataError
 from pyro_vae.evaluation import DataProtocol, EvalResult, evaluate
+from pyro_vae.labelled import build_model, class_count
+from pyro_vae.labelled.evaluation import evaluate_labelled
 from pyro_vae.model import VAE
 from pyro_vae.run_dir.directory import is_run_config
 
@@ -61,13 +63,21 @@ def read_run_config(path: str | os.PathLike) -> RunConfig:
 
 
 def _build(config: RunConfig, state: TrainingState, source: Path) -> VAE:
-    """The VAE the config describes, with the checkpoint's weights; one line when they do not fit."""
+    """The model the config describes (a VAE, CVAE or M2: :func:`pyro_vae.labelled.build_model`; a model with labels
+    reads its number of classes from the config), with the checkpoint's weights; one line when they do not fit."""
     try:
-        vae = VAE.from_config(config.model, state.input_dim, state.image_shape)
+        vae = build_model(config.model, state.input_dim, state.image_shape)
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {source} describes a model this pyro_vae cannot build: {err}") from None
     state.load_weights(vae, source=source)
     return vae
+
+
+class HeldOut(NamedTuple):
+    """A run's test images as the model is evaluated on them, ``(M, D)``, and their labels ``(M,)`` (or ``None``)."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
 
 
 @dataclasses.dataclass
@@ -129,32 +139,54 @@ class Run:
             )
         return data
 
+    def held_out(self, n: int | None = None) -> HeldOut:
+        """The run's test images, binarised as they were evaluated during training, and their labels, on the model's
+        device; the data are read (and their fingerprint checked) once.
+
+        :param n: the first ``n`` images only (default: all).
+        """
+        data, dc = self.data(), self.config.data
+        x, y = binarize_eval(data.x_test, dc.binarize, self.config.train.seed, dc.threshold), data.y_test
+        if n is not None:
+            check_int("n", n, low=1)
+            if n > x.shape[0]:
+                raise ConfigError(f"n={n} exceeds the run's {x.shape[0]} test images; use {x.shape[0]} or less")
+            x, y = x[:n], None if y is None else y[:n]
+        device = next(self.vae.parameters()).device
+        return HeldOut(x.to(device), None if y is None else y.to(device))
+
     def test_images(self, n: int | None = None) -> torch.Tensor:
         """The run's test split, binarised as it was evaluated during training, on the model's device.
 
         :param n: the first ``n`` images only (default: all).
         """
-        data, dc = self.data(), self.config.data
-        x = binarize_eval(data.x_test, dc.binarize, self.config.train.seed, dc.threshold)
-        if n is not None:
-            check_int("n", n, low=1)
-            if n > x.shape[0]:
-                raise ConfigError(f"n={n} exceeds the run's {x.shape[0]} test images; use {x.shape[0]} or less")
-            x = x[:n]
-        return x.to(next(self.vae.parameters()).device)
+        return self.held_out(n).x
+
+    def test_labels(self, n: int | None = None) -> torch.Tensor | None:
+        """The labels of :meth:`test_images` (the first ``n``), on the model's device; ``None`` for data without
+        labels."""
+        return self.held_out(n).y
 
     def protocol(self) -> DataProtocol:
         """The data protocol of the run's test split (data set, binarisation and its seed)."""
         return DataProtocol.from_config(self.config.data, self.config.train.seed, dataset=self.state.data.name)
 
     def evaluate(self, ks: Sequence[int] = (1, 100, 1000), n: int | None = None, **kw) -> EvalResult:
-        """:func:`pyro_vae.evaluation.evaluate` on the run's test split with its protocol (binarisation and seed).
+        """:func:`pyro_vae.evaluation.evaluate` on the run's test split with its protocol (binarisation and seed); for
+        a model with labels :func:`pyro_vae.labelled.evaluation.evaluate_labelled` with the test labels (the CVAE's
+        bounds are on log p(x | y), M2's on log p(x) with y summed out, and M2's result holds its accuracy).
 
         :param ks: particle counts of the importance-weighted bounds.
         :param n: evaluate the first ``n`` test images only (default: all).
-        :param kw: passed on (``chunk_size``, ``seed``).
+        :param kw: passed on (``chunk_size``, ``seed``, ``progress``).
         """
-        return evaluate(self.vae, self.test_images(n), ks, protocol=self.protocol(), **kw)
+        return self.evaluate_on(self.held_out(n), ks, **kw)
+
+    def evaluate_on(self, held_out: HeldOut, ks: Sequence[int] = (1, 100, 1000), **kw) -> EvalResult:
+        """:meth:`evaluate` on images (and labels) already read by :meth:`held_out`."""
+        if class_count(self.vae) is None:
+            return evaluate(self.vae, held_out.x, ks, protocol=self.protocol(), **kw)
+        return evaluate_labelled(self.vae, held_out.x, held_out.y, ks, protocol=self.protocol(), **kw)
 
 
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
