@@ -340,6 +340,7 @@ class _Loop:
             "data": dict(self.data_record._asdict()),
             "resumed_from": None if self.resumed is None else {"step": self.resumed.progress.step},
             "labelled": None if self.training.labelled is None else dict(self.training.labelled._asdict()),
+            "aux_weight": getattr(self.vae, "aux_weight", None),  # M2's α as trained (0.1·N unless given)
         }  # fmt: skip
 
     # -- resume ----------------------------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ class ModelConfig:
         high=4096,
         why="a 4096→4096 3×3 layer is 600 MB of weights",
     )
-    kind: str = option("vae", "vae, cvae (conditional on labels) or m2 (semi-supervised)", choices=MODEL_KINDS,
+    kind: str = option("vae", "vae, cvae (conditional on labels) or m2 (labels for some images)", choices=MODEL_KINDS,
                        what="model", flag="--model")  # fmt: skip
     num_classes: int | None = option(
         None, "classes of a cvae/m2 (default: from the data's labels)", low=2, high=100_000, why="one-hot inputs"
