@@ -12,6 +12,7 @@
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 
 import numpy as np
@@ -813,3 +814,21 @@ def test_resume_with_other_labels_is_refused_and_a_config_without_num_classes_is
         fit(new_model(more, changed), changed, more, out_dir=out, resume=True)
     assert "\n" not in str(info.value)
     fit(new_model(more, labelled_data), labelled_data, more, out_dir=out, resume=True)  # the same labels resume
+
+
+@pytest.mark.parametrize("model_cls", [CVAE, SSVAE])
+def test_compile_falls_back_to_the_eager_step_with_one_line(model_cls, caplog):
+    """The traced step takes (x, index) only; a model with labels trains eagerly, saying so once, and its steps are
+    those of an eager TrainStep (same seed, same losses)."""
+    x, y = binary(8, D), torch.randint(0, C, (8,), generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for compile_ in (True, False):
+        pyro.set_rng_seed(0)
+        model = small(model_cls)
+        step = TrainStep(model, TrainConfig(compile=compile_, kl_schedule=None), num_data=40)
+        with caplog.at_level(logging.INFO, logger="pyro_vae.compile"):
+            losses[compile_] = [step.step(x, torch.arange(8), y=y) for _ in range(3)]
+        assert step.compiled is None
+    assert losses[True] == losses[False]
+    falls_back = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+    assert len(falls_back) == 1 and f"--model {model_cls.kind} passes labels" in falls_back[0]
