@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import warnings
 
 import numpy as np
 import pyro
@@ -29,7 +30,7 @@ from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pyro_vae.data import binarize_eval, labels_fingerprint, load_dataset
 from pyro_vae.data.labels import num_classes, select_labelled
-from pyro_vae.errors import ConfigError, DataError
+from pyro_vae.errors import ConfigError, DataError, NonFiniteLossError
 from pyro_vae.guides import FlowFamily, family_names, make_family
 from pyro_vae.labelled import CVAE, SSVAE, LabelledPart, build_model
 from pyro_vae.labelled.conditioning import BatchReshaped
@@ -832,3 +833,23 @@ def test_compile_falls_back_to_the_eager_step_with_one_line(model_cls, caplog):
     assert losses[True] == losses[False]
     falls_back = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
     assert len(falls_back) == 1 and f"--model {model_cls.kind} passes labels" in falls_back[0]
+
+
+def test_the_non_finite_guard_covers_the_mixed_m2_step():
+    """After one step of size 1e30 every forward pass of M2 overflows: the guard refuses the next mixed step (raise),
+    or skips it and returns NaN (skip), and the parameters stay as they were."""
+    x, x_l, y_l = binary(8, D), binary(4, D, seed=3), torch.tensor([0, 1, 2, 0])
+    part = LabelledPart(x_l, y_l, 20, torch.arange(4))
+    for policy in ("raise", "skip"):
+        model = small(SSVAE)
+        step = TrainStep(model, TrainConfig(lr=1e30, kl_schedule=None, on_nonfinite=policy), num_data=40)
+        step.step(x, torch.arange(8), labelled=part)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with warnings.catch_warnings():  # Pyro's own "Encountered NaN: loss" warning, before the guard speaks
+            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+            if policy == "raise":
+                with pytest.raises(NonFiniteLossError, match="at optimiser step 2"):
+                    step.step(x, torch.arange(8), labelled=part)
+            else:
+                assert math.isnan(step.step(x, torch.arange(8), labelled=part)) and step.skipped == 1
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -118,7 +118,7 @@ def interrupted_line(stderr, out, signum):
     (line,) = [line for line in stderr.splitlines() if line.startswith("pyro-vae:")]
     checkpoint, run = re.escape(str(out / "last.pt")), re.escape(str(out))
     match = re.fullmatch(
-        rf"pyro-vae: interrupted at step (\d+) by {signal.Signals(signum).name} \(epoch (\d+), batch \d of 8\); "
+        rf"pyro-vae: interrupted at step (\d+) by {signal.Signals(signum).name} \(epoch (\d+), batch \d of \d\); "
         rf"checkpoint written to {checkpoint}; resume with: pyro-vae train --resume {run}",
         line,
     )
@@ -126,14 +126,21 @@ def interrupted_line(stderr, out, signum):
     return int(match.group(1)), int(match.group(2))
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_the_command_line_returns_128_plus_the_signal_and_resumes_bit_exactly(tmp_path, capsys, signum, code):
+@pytest.mark.parametrize(
+    ("signum", "code", "model"),
+    [
+        (signal.SIGINT, 130, []),
+        (signal.SIGTERM, 143, []),
+        (signal.SIGTERM, 143, ["--model", "m2", "--labelled", "40"]),  # two batch streams, both resumed in place
+    ],
+)
+def test_the_command_line_returns_128_plus_the_signal_and_resumes_bit_exactly(tmp_path, capsys, signum, code, model):
     """``pyro-vae train`` runs here, in the main thread; a watcher thread sends the signal after the first epoch."""
     out = tmp_path / "run"
     watcher = threading.Thread(target=lambda: (wait_for_first_epoch(out), os.kill(os.getpid(), signum)))
     watcher.start()
     try:
-        assert cli.main(["train", *LONG, "--out", str(out)]) == code
+        assert cli.main(["train", *LONG, *model, "--out", str(out)]) == code
     finally:
         watcher.join()
     step, epoch = interrupted_line(capsys.readouterr().err, out, signum)
@@ -142,7 +149,8 @@ def test_the_command_line_returns_128_plus_the_signal_and_resumes_bit_exactly(tm
     epochs = str(epoch + 1)
     assert cli.main(["train", "--resume", str(out), "--epochs", epochs]) == 0
     ref_out = tmp_path / "ref"
-    assert cli.main(["train", *TINY, "--epochs", epochs, "--threads", "1", "--no-figures", "--out", str(ref_out)]) == 0
+    reference = ["train", *TINY, *model, "--epochs", epochs, "--threads", "1", "--no-figures", "--out", str(ref_out)]
+    assert cli.main(reference) == 0
     capsys.readouterr()
     resumed, ref = load_checkpoint(out / "last.pt"), load_checkpoint(ref_out / "last.pt")
     assert resumed["progress"] == ref["progress"] and resumed["progress"]["epoch"] == epoch + 1
