@@ -279,7 +279,8 @@ class _Loop:
             step.grad_norm, step.kl_weight, self.config.train.lr, None if accuracy is None else accuracy.mean,
         )  # fmt: skip
         self.records.append(record)
-        logger.info("epoch %d: train ELBO %.2f, test ELBO %s", epoch, record.train_elbo, record.test_elbo)
+        score = "" if accuracy is None else f", test accuracy {accuracy.mean:.4f}"
+        logger.info("epoch %d: train ELBO %.2f, test ELBO %s%s", epoch, record.train_elbo, record.test_elbo, score)
         complete = self.position.batch == self.n_batches
         self.position = Progress(epoch + 1, 0, self.step) if complete else self.position._replace(recorded=True)
         self.position = self.position._replace(seconds=0.0 if complete else seconds)

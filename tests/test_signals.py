@@ -118,7 +118,7 @@ def interrupted_line(stderr, out, signum):
     (line,) = [line for line in stderr.splitlines() if line.startswith("pyro-vae:")]
     checkpoint, run = re.escape(str(out / "last.pt")), re.escape(str(out))
     match = re.fullmatch(
-        rf"pyro-vae: interrupted at step (\d+) by {signal.Signals(signum).name} \(epoch (\d+), batch \d of \d\); "
+        rf"pyro-vae: interrupted at step (\d+) by {signal.Signals(signum).name} \(epoch (\d+), batch \d+ of \d+\); "
         rf"checkpoint written to {checkpoint}; resume with: pyro-vae train --resume {run}",
         line,
     )

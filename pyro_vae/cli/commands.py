@@ -117,12 +117,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     pyro.set_rng_seed(config.train.seed)
     config, vae = build_for_data(config, data)
     logger.info(
-        "training %s %s (L=%d) on %s: %d train / %d test images, %d epochs of batch %d",
+        "training %s %s (L=%d) on %s: %d train%s / %d test images, %d epochs of batch %d",
         config.model.kind,
         config.model.guide,
         config.model.latent_dim,
         data.name,
         data.x_train.shape[0],
+        "" if config.data.labelled is None else f" ({config.data.labelled} labelled)",
         data.x_test.shape[0],
         config.train.epochs,
         config.train.batch_size,
@@ -148,8 +149,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         from pyro_vae.plotting import save_run_figures
 
         save_run_figures(vae, data, result, out)
-    elbo = result.test_elbo
-    print(f"test ELBO {elbo} nats/image after {result.steps} steps in {seconds:.1f} s; run directory: {out}")
+    elbo, accuracy = result.test_elbo, result.epochs[-1].accuracy if result.epochs else None
+    conditional = " (of log p(x | y))" if config.model.kind == "cvae" else ""
+    score = "" if accuracy is None else f", test accuracy of q(y|x) {accuracy:.4f}"
+    print(
+        f"test ELBO {elbo} nats/image{conditional}{score} after {result.steps} steps in {seconds:.1f} s; "
+        f"run directory: {out}"
+    )
     return 0
 
 
