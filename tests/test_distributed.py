@@ -13,23 +13,19 @@ from pyro_vae.distributed import context_from_env, ddp, reduce_mean_se, session
 from pyro_vae.errors import ConfigError
 from pyro_vae.stats import mean_se
 
-# A worker that takes ONE SVI step on its shard and saves the parameters. The guide's noise is fixed per example
-# (a test family reads it from a table indexed by the example's global position), so a 2-process step over
-# B/2 + B/2 examples and a 1-process step over the same B examples see exactly the same noise.
-WORKER = textwrap.dedent(
+# What both workers share: a guide family whose noise is fixed per example, read from a table by the number of rows
+# the family sees (set per step by the worker), and the process group from torchrun's environment.
+PREAMBLE = textwrap.dedent(
     """
-    import os, sys, pyro, torch
+    import sys, pyro, torch
     import pyro.distributions as dist
-    from pyro.infer import SVI, Trace_ELBO
     from pyro_vae.distributed import context_from_env, init, shutdown, sum_over_ranks, unwrap, wrap
     from pyro_vae.guides.gaussian import MVNDiag
-    from pyro_vae.model import VAE
-    from pyro_vae.optim import SingleOptimizer
 
     class FixedNoise(dist.Normal):
-        noise = None  # (B, L), set per step by the harness
+        table = {}  # rows -> (rows, L) noise
         def rsample(self, sample_shape=torch.Size()):
-            return self.loc + self.scale * FixedNoise.noise
+            return self.loc + self.scale * FixedNoise.table[self.loc.shape[0]]
 
     class FixedNoiseFamily(MVNDiag):
         def forward(self, raw, context=None):
@@ -41,6 +37,18 @@ WORKER = textwrap.dedent(
     world, rank = (ctx.world_size, ctx.rank) if ctx else (1, 0)
     if ctx:
         init(ctx)
+    """
+)
+
+# A worker that takes ONE SVI step on its shard and saves the parameters. The guide's noise is fixed per example
+# (a test family reads it from a table indexed by the example's global position), so a 2-process step over
+# B/2 + B/2 examples and a 1-process step over the same B examples see exactly the same noise.
+WORKER = PREAMBLE + textwrap.dedent(
+    """
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro_vae.model import VAE
+    from pyro_vae.optim import SingleOptimizer
+
     N, D, L, B = 64, 12, 3, 16
     g = torch.Generator().manual_seed(0)
     data = torch.bernoulli(torch.full((N, D), 0.4), generator=g)
@@ -51,7 +59,7 @@ WORKER = textwrap.dedent(
     vae = VAE(D, latent_dim=L, hidden_dims=(8, 4), guide=FixedNoiseFamily(L))
     if ctx:
         wrap(vae, ctx)
-    FixedNoise.noise = noise[local]
+    FixedNoise.table = {len(local): noise[local]}
     svi = SVI(vae.model, vae.guide, SingleOptimizer(torch.optim.SGD, {"lr": 0.01}), Trace_ELBO())
     svi.step(data[local], N, local)
     sums = sum_over_ranks(rank + 1.0, 1)         # 1 + 2 = 3 over two ranks, and a count of 2
@@ -65,9 +73,9 @@ WORKER = textwrap.dedent(
 )
 
 
-def run_worker(tmp_path, nproc, out):
+def run_worker(tmp_path, nproc, out, worker=WORKER):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, str(script), str(out)]
@@ -98,6 +106,56 @@ def test_two_process_step_equals_one_process_step_on_the_same_examples(tmp_path)
     # sum_over_ranks (behind the reduced train ELBO): the values themselves alone, summed over both ranks under gloo
     assert torch.load(tmp_path / "one.pt.sums", weights_only=True).tolist() == [1.0, 1.0]
     assert torch.load(tmp_path / "two.pt.sums", weights_only=True).tolist() == [3.0, 2.0]
+
+
+# M2 (pyro_vae.labelled) runs the encoder twice in one step (the unlabelled images, every class enumerated, and the
+# labelled ones) and its classifier in both programs; DDP must still average each parameter's whole gradient once.
+# The guide's noise is fixed per image (and per enumerated class), read from a table by the number of rows the family
+# sees, so a 1-process and a 2-process step draw the same z.
+M2_WORKER = PREAMBLE + textwrap.dedent(
+    """
+    from pyro.infer import SVI
+    from pyro_vae.labelled import SSVAE, LabelledPart
+    from pyro_vae.objectives import make_objective
+    from pyro_vae.optim import SingleOptimizer
+
+    N_U, N_L, D, L, C, B, B_L = 64, 16, 12, 3, 3, 16, 8
+    g = torch.Generator().manual_seed(0)
+    x_u = torch.bernoulli(torch.full((N_U, D), 0.4), generator=g)
+    x_l = torch.bernoulli(torch.full((N_L, D), 0.4), generator=g)
+    y_l = torch.randint(0, C, (N_L,), generator=g)
+    noise_u = torch.randn(N_U, C, L, generator=g)
+    noise_l = torch.randn(N_L, L, generator=g)
+    local = torch.arange(B)[rank::world]
+    local_l = torch.arange(B_L)[rank::world]
+    torch.manual_seed(1 + rank)  # different weights per rank: DDP must broadcast rank 0's
+    m2 = SSVAE(D, C, latent_dim=L, hidden_dims=(8, 4), guide=FixedNoiseFamily(L), aux_weight=2.0)
+    if ctx:
+        wrap(m2, ctx)
+    # enumerated rows are (class, image), flattened class-major
+    FixedNoise.table = {C * len(local): noise_u[local].transpose(0, 1).reshape(-1, L), len(local_l): noise_l[local_l]}
+    svi = SVI(m2.model, m2.guide, SingleOptimizer(torch.optim.SGD, {"lr": 0.01}), make_objective(enumerate=True))
+    svi.step(x_u[local], N_U, local, labelled=LabelledPart(x_l[local_l], y_l[local_l], N_L, local_l))
+    if rank == 0:
+        torch.save(m2.state_dict(), sys.argv[1])
+    if ctx:
+        unwrap(m2)
+        shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_process_m2_step_equals_one_process_step(tmp_path):
+    """Each rank scales its unlabelled and labelled shares by N_u / (B/2) and N_l / (B_l/2); DDP averages the two
+    gradients, which gives the one-process gradient over all images. With SGD, equal gradients give equal weights
+    (float32 sums in another order: rtol 1e-5)."""
+    one = run_worker(tmp_path, 1, tmp_path / "one.pt", M2_WORKER)
+    two = run_worker(tmp_path, 2, tmp_path / "two.pt", M2_WORKER)
+    assert one.keys() == two.keys()
+    assert any(key.startswith("classifier.") for key in one)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 # A worker for session() and ddp() under torchrun. It records what it sees in a JSON file per rank:

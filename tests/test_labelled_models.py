@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from scipy import stats
+from test_resume import Crash, CrashAt
 from torch import nn
 
 from pyro_vae.checkpoint import load_checkpoint
@@ -38,7 +39,7 @@ from pyro_vae.labelled.evaluation import accuracy, evaluate_labelled, evaluate_l
 from pyro_vae.model import VAE
 from pyro_vae.objectives import make_objective
 from pyro_vae.step import TrainStep
-from pyro_vae.train import Callback, fit
+from pyro_vae.train import fit
 
 C, L, D = 3, 2, 6  # classes, latent dimensions, pixels of the small models
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -744,19 +745,6 @@ def test_fit_refuses_bad_label_input_in_one_line_before_writing_anything(
         config = dataclasses.replace(config, model=model.config)
     message = raises_one_line(error, words, fit, model, data, config, out_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists(), message
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, state):
-        if state.step == self.step:
-            raise Crash(f"simulated crash after step {state.step}")
 
 
 @pytest.mark.slow
