@@ -18,6 +18,7 @@ SCRIPTS = [
     "eval_speed.py",
     "gradient_variance.py",
     "quality.py",
+    "semi_supervised.py",
     "train_speed.py",
 ]
 
