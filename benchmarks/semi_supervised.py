@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     data_config = DataConfig(dataset="fashion-mnist")
     if not args.table_only:
         sweep(load_dataset(data_config), data_config, label_counts, args.seeds, args.epochs, None, args.results)
-    print(f"threads {torch.get_num_threads()}; M2: {args.epochs} epochs; accuracy on the 10 000 test images")
-    print("\n".join(table(read_results(args.results), label_counts)))
+    threads = "" if args.table_only else f"threads {torch.get_num_threads()}; "
+    print(f"{threads}M2: {args.epochs} epochs; accuracy on the 10 000 test images")
+    print("\n".join(table(read_results(args.results), sorted(label_counts))))
     return 0
 
 
