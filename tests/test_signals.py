@@ -28,6 +28,16 @@ from pyro_vae.train import Callback, TrainingInterrupted, fit
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
 
 
+@pytest.fixture(autouse=True)
+def default_sigint():
+    """Python's own SIGINT handler for each test, whatever the suite inherited: a shell without job control starts
+    background commands with SIGINT ignored, and Python then leaves it ignored (a suite run as ``cmd &`` saw no
+    KeyboardInterrupt where these tests expect the usual one)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def data():
     return load_dataset(DataConfig(n_train=256, n_test=64))
